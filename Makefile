@@ -1,0 +1,58 @@
+# Every target sets itself up: the first command on a fresh clone creates .venv and installs
+# what is missing; later runs reuse it (the stamp is newer than pyproject.toml).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kernel-club-installed
+LAB    ?=
+# pytest workers: the machine has 2 cores; notebooks and test files are spread whole (loadfile)
+WORKERS ?= 2
+
+.PHONY: setup test lint unit nbval lab run-lab list-labs bench claims models clean distclean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/pytest tests labs -n $(WORKERS) --dist loadfile \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=900 --durations=15
+	$(BIN)/kclub claims
+
+lint: setup
+	$(BIN)/ruff check .
+
+unit: setup
+	$(BIN)/pytest tests -n $(WORKERS) --dist loadfile
+
+nbval: setup
+	$(BIN)/pytest labs -n $(WORKERS) --dist loadfile \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=900
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=labs --ServerApp.ip=127.0.0.1 --no-browser
+
+run-lab: setup
+	@test -n "$(LAB)" || { echo "usage: make run-lab LAB=<slug>; labs:"; $(BIN)/kclub list; exit 2; }
+	$(BIN)/kclub run $(LAB)
+
+list-labs: setup
+	@$(BIN)/kclub list
+
+bench: setup
+	$(BIN)/kclub bench $(LAB)
+
+claims: setup
+	@$(BIN)/kclub claims
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

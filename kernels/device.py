@@ -1,0 +1,68 @@
+"""Where kernels run, decided once, before Triton is imported.
+
+Without a GPU, Triton kernels run in Triton's interpreter and Pallas kernels in interpret mode.
+The interpreter is chosen when `triton` is imported and when a kernel is decorated
+(CPU-NOTES.md), so `import kernels` calls `configure()` before any kernel module imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def gpu_available() -> bool:
+    """A CUDA (or ROCm) device that Triton can compile for."""
+    return torch.cuda.is_available()
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in _TRUE
+
+
+def configure() -> bool:
+    """Switch Triton's interpreter on when there is no GPU; return whether it is on.
+
+    Set KC_INTERPRET=1 to force the interpreter on a GPU machine (memory-traffic counting needs
+    it). Raises if triton was already imported in the other mode: flipping it afterwards breaks
+    tl.sum/tl.max inside kernels.
+    """
+    want = _flag("KC_INTERPRET", not gpu_available())
+    current = _flag("TRITON_INTERPRET", False)
+    if "triton" in sys.modules and current != want:
+        raise RuntimeError(
+            f"triton was imported with TRITON_INTERPRET={int(current)} but this machine needs "
+            f"{int(want)}: import kernels (or set TRITON_INTERPRET) before importing triton"
+        )
+    os.environ["TRITON_INTERPRET"] = "1" if want else "0"
+    return want
+
+
+INTERPRET: bool = configure()
+# Poison fresh outputs with NaN so unwritten elements show. Cheap next to the interpreter, so on
+# by default there; on a GPU it costs a fill kernel per output, so opt in with KC_POISON=1.
+POISON: bool = _flag("KC_POISON", INTERPRET)
+
+
+def pallas_interpret() -> bool:
+    """Pass as `interpret=` to pallas_call: True when JAX has only the CPU."""
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel's output; poisoned (NaN, or the dtype's max for ints) when POISON."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else _int_sentinel(dtype))
+    return out
+
+
+def _int_sentinel(dtype: torch.dtype) -> int:
+    return True if dtype == torch.bool else torch.iinfo(dtype).max

@@ -1,0 +1,107 @@
+"""`kclub`: list the labs, run one headless, run benchmarks, print the claims table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+from shared import claims, labs
+from shared.paths import lab_build_dir
+
+
+def cmd_list(_args) -> int:
+    for lab in labs.discover().values():
+        bench = lab.bench or "—"
+        print(f"{lab.slug:24s} {lab.title:36s} papers: {', '.join(lab.papers)}  bench: {bench}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Execute labs/<slug>.ipynb cell by cell into build/<slug>/; non-zero exit on failure."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from tqdm import tqdm
+
+    lab = labs.get(args.slug)
+    out_dir = lab_build_dir(lab.slug)
+    nb = nbformat.read(lab.notebook, as_version=4)
+    client = NotebookClient(nb, timeout=args.cell_timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(lab.notebook.parent)}})
+    code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    failed, t0 = None, time.perf_counter()
+    with client.setup_kernel():
+        for i, cell in tqdm(code, desc=lab.slug, unit="cell"):
+            try:
+                client.execute_cell(cell, i)
+            except CellExecutionError as e:
+                failed = (i, e)
+                break
+    seconds = time.perf_counter() - t0
+    executed = out_dir / f"{lab.slug}.ipynb"
+    nbformat.write(nb, executed)
+    measured = claims.load(lab.slug)
+    print(f"\n{lab.title}: {len(code)} code cells in {seconds:.1f} s -> {executed}")
+    figures = sorted(p.name for p in out_dir.glob("*.png"))
+    print(f"figures: {', '.join(figures) or 'none'}")
+    if measured:
+        print(claims.table(measured))
+    if failed:
+        i, err = failed
+        print(f"\nFAILED at cell {i}:\n{err}", file=sys.stderr)
+        return 1
+    print("PASSED")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    chosen = [labs.get(args.slug)] if args.slug else list(labs.discover().values())
+    status = 0
+    for lab in chosen:
+        if not lab.bench:
+            print(f"{lab.slug}: no benchmark")
+            continue
+        print(f"== {lab.slug}: {lab.bench} ==")
+        status |= importlib.import_module(lab.bench).main() or 0
+    return status
+
+
+def cmd_claims(args) -> int:
+    rows = claims.load(args.lab)
+    if not rows:
+        print("no claims yet: run a lab first (kclub run <slug>, or make test)")
+        return 0
+    print(claims.table(rows))
+    held = sum(c.holds for c in rows)
+    print(f"\n{held}/{len(rows)} claims hold")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kclub", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the labs").set_defaults(fn=cmd_list)
+    run = sub.add_parser("run", help="execute a lab headless into build/<slug>/")
+    run.add_argument("slug")
+    run.add_argument("--cell-timeout", type=int, default=900)
+    run.set_defaults(fn=cmd_run)
+    bench = sub.add_parser("bench", help="run a lab's benchmark (all labs without a slug)")
+    bench.add_argument("slug", nargs="?")
+    bench.set_defaults(fn=cmd_bench)
+    cl = sub.add_parser("claims", help="the claims table from the labs' last runs")
+    cl.add_argument("--lab")
+    cl.set_defaults(fn=cmd_claims)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        return args.fn(args)
+    except KeyError as e:  # unknown slug: the message lists the valid ones
+        print(f"kclub: {e.args[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
