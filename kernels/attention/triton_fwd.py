@@ -1,0 +1,115 @@
+"""FlashAttention forward in Triton (FA1 Algorithm 1, with FA2's loop order, §3.1).
+
+One program owns one block of block_m query rows of one head and streams every visible
+block of keys/values past it, so Q is read once and O written once; K and V are read once
+per query block. S and P live only in registers/SRAM, never in global memory.
+
+The online softmax (FA2 §3.1.1) keeps per row the running max m and the running sum l of
+exp(s − m), and an *unscaled* accumulator acc = Σ exp(s − m) v. When a new block raises the
+max to m', the old state is rescaled by exp(m − m'); the division by l happens once, at the
+end. The kernel works in base 2 (exp2 is the fast instruction on a GPU): s is pre-multiplied
+by log2(e), and the saved logsumexp L = m + log(l) (natural log) is what the backward needs
+to recompute P = exp(S − L) without a second softmax pass (FA2 §3.1.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention._args import AttentionShape, BlockSizes, padded_head_dim
+from kernels.device import new_output
+
+LOG2E = math.log2(math.e)
+LN2 = tl.constexpr(math.log(2.0))
+LOG2E_K = tl.constexpr(LOG2E)   # the same constant, usable inside kernels
+
+
+@triton.jit
+def causal_kv_end(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """One past the last key any row of this query block can see: blocks past it are skipped."""
+    if CAUSAL:
+        # bottom-right alignment: query i sees key j iff j <= i + (seq_k - seq_q)
+        return tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q), 0)
+    else:
+        return seq_k
+
+
+@triton.jit
+def attention_mask(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """(block_m, block_n) bool: the pair (query i, key j) exists and is visible."""
+    valid = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+    return valid
+
+
+@triton.jit
+def flash_fwd_kernel(
+    Q, K, V, O, LSE,  # q, o: (B, H, Nq, D); k, v: (B, Hkv, Nk, D); lse: (B, H, Nq) fp32
+    group, seq_q, seq_k, head_dim, qk_scale,    # qk_scale = sm_scale · log2(e)
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)     # b · heads + h; int64: offsets pass 2^31
+    bh_kv = bh // group                  # GQA: the K/V head h // group (group | heads)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)         # head_dim padded to a power of two, masked
+    d_ok = offs_d < head_dim
+    q_ok = (offs_m[:, None] < seq_q) & d_ok[None, :]
+    q_off = bh * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=q_ok, other=0.0)            # (BLOCK_M, BLOCK_D), read once
+    kv_base = bh_kv * seq_k * head_dim
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                   # running Σ exp2(s − m)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # unscaled Σ exp2(s − m) v
+    kv_end = causal_kv_end(start_m, seq_q, seq_k, BLOCK_M, CAUSAL)
+    for start_n in range(0, kv_end, BLOCK_N):               # causal: later blocks skipped
+        cols = start_n + offs_n
+        kv_ok = (cols[:, None] < seq_k) & d_ok[None, :]
+        kv_off = kv_base + cols[:, None] * head_dim + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=kv_ok, other=0.0)     # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                # (BLOCK_M, BLOCK_N)
+        s = tl.where(attention_mask(offs_m, cols, seq_q, seq_k, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)                      # rescale of the old state
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Rows that saw no key (causal, seq_q > seq_k) output 0 and get L = +inf, so the backward's
+    # exp(S − L) is 0 for them too.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    tl.store(O + q_off, o.to(O.dtype.element_ty), mask=q_ok)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(LSE + bh * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape,
+                  causal: bool, sm_scale: float, blocks: BlockSizes):
+    """Launch the forward kernel; return O (like q) and the logsumexp L (B, H, Nq) in fp32.
+
+    Inputs must be contiguous (the autograd wrapper makes them so).
+    """
+    o = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((shape.batch, shape.heads, shape.seq_q), torch.float32, q.device)
+    grid = (triton.cdiv(shape.seq_q, blocks.block_m), shape.batch * shape.heads)
+    flash_fwd_kernel[grid](
+        q, k, v, o, lse,
+        shape.group, shape.seq_q, shape.seq_k, shape.head_dim, sm_scale * LOG2E,
+        CAUSAL=causal, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BLOCK_D=padded_head_dim(shape.head_dim),
+    )
+    return o, lse
