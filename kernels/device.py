@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
@@ -44,6 +45,10 @@ def configure() -> bool:
 
 
 INTERPRET: bool = configure()
+if INTERPRET:
+    # The interpreter evaluates masked-off lanes with numpy too (−inf − −inf and the like);
+    # their results are discarded, but numpy warns. Silence only the interpreter's module.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\..*")
 # Poison fresh outputs with NaN so unwritten elements show. Cheap next to the interpreter, so on
 # by default there; on a GPU it costs a fill kernel per output, so opt in with KC_POISON=1.
 POISON: bool = _flag("KC_POISON", INTERPRET)

@@ -26,7 +26,14 @@ _TOLERANCE = {
 
 
 def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "").replace("dtype(", "").strip("')\"")
+    """'float32' for torch.float32, np.float32, jnp.float32 or the string itself."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return text
 
 
 def tolerance(dtype) -> float:
