@@ -62,7 +62,8 @@ def rel_error(out, ref) -> float:
     same = (out == ref) | (np.isnan(out) & np.isnan(ref))
     if not np.all(np.isfinite(out) | same):
         return float("inf")
-    diff = np.where(same, 0.0, out - ref)
+    with np.errstate(invalid="ignore"):  # inf − inf where `same` masks it anyway
+        diff = np.where(same, 0.0, out - ref)
     ref_finite = np.where(np.isfinite(ref), ref, 0.0)
     denom = np.linalg.norm(ref_finite)
     num = np.linalg.norm(diff)

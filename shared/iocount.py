@@ -137,4 +137,4 @@ def count():
     try:
         yield c
     finally:
-        _active.remove(c)
+        _active[:] = [a for a in _active if a is not c]  # by identity: Counts compare equal
