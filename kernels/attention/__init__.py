@@ -10,7 +10,9 @@
 
 from kernels.attention._args import BlockSizes
 from kernels.attention.flash import flash_attention
+from kernels.attention.pallas import flash_attention_pallas
 from kernels.attention.reference import attention_reference
+from kernels.attention.standard import standard_attention
 
 __all__ = [
     "BlockSizes",
