@@ -1,0 +1,1 @@
+"""Decoding: the KV cache, autoregressive and speculative generation."""

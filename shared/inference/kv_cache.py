@@ -1,0 +1,59 @@
+"""A batched key/value cache whose sequences each have their own length, and can roll back.
+
+Speculative decoding writes the γ drafted tokens into the target's cache while verifying them,
+then keeps only the accepted prefix. Rolling back is just lowering ``lengths``: the attention
+mask in shared/models/llama.py lets a query at position p see keys 0..p only, and the next
+write at position p overwrites whatever a rejected token left there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.models.llama import LlamaConfig
+
+
+class KVCache:
+    """Buffers k, v: [n_layers, B, n_kv_heads, max_seq_len, head_dim]; lengths: int64 [B]."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, *, n_layers: int | None = None,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n_layers = config.n_layers if n_layers is None else n_layers
+        shape = (n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_seq_len = config.max_seq_len
+        self._batch = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, Hkv, T, hd] at ``positions`` [B, T]; return keys/values at 0..S-1 with
+        S = max position + 1 ([B, Hkv, S, hd]). Does not change ``lengths``."""
+        if k.shape[0] != self.batch_size:
+            raise ValueError(f"k has batch {k.shape[0]}, cache has {self.batch_size}")
+        if layer_idx >= self.k.shape[0]:
+            raise ValueError(f"layer {layer_idx} is beyond this cache's {self.k.shape[0]} layers")
+        # buf[layer][b, :, positions[b, t]] <- k[b, :, t]  (advanced indices first: [B,T,H,hd])
+        self.k[layer_idx][self._batch, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer_idx][self._batch, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        S = int(positions.max()) + 1
+        return self.k[layer_idx, :, :, :S], self.v[layer_idx, :, :, :S]
+
+    def advance(self, n) -> None:
+        """Keep n more tokens per sequence (int, or int64 [B])."""
+        self.set_lengths(self.lengths + torch.as_tensor(n, device=self.lengths.device))
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Roll back (or forward) to these per-sequence lengths, int64 [B]."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        lengths = lengths.expand(self.batch_size).clone()
+        if lengths.min() < 0 or lengths.max() > self.max_seq_len:
+            raise ValueError(f"lengths must be in [0, {self.max_seq_len}], got {lengths.tolist()}")
+        self.lengths = lengths

@@ -1,0 +1,115 @@
+"""The trained tiny models every lab reuses: ``load("target")`` and ``load("draft")``.
+
+- target: 8 blocks, dim 192, GQA 6:2 (3.2 M parameters), trained with LayerSkip's early-exit
+  loss at block 2, so ``target(tokens, n_layers=2)`` is a drafter sharing its weights.
+- draft: 1 block, dim 128 (0.2 M parameters), trained alone on the same bytes.
+
+The checkpoints ship in shared/models/checkpoints/ (fp16, 6.5 MB + 0.4 MB) so CI pays nothing
+for training. Each records the recipe (model + training config) that made it; when the recipe
+here changes, the shipped file no longer matches and ``load`` trains the new recipe once into
+build/models/ (the target costs ~8 min on 2 CPU cores, the draft ~30 s). Regenerate the shipped
+files with ``python -m shared.models.zoo --ship`` (seeded: same torch + machine, same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from shared.data import corpus_fingerprint, train_val_tokens
+from shared.models.llama import Llama, LlamaConfig
+from shared.paths import build_dir
+from shared.train import TrainConfig, train
+
+SHIPPED = Path(__file__).parent / "checkpoints"
+
+RECIPES: dict[str, tuple[LlamaConfig, TrainConfig]] = {
+    "target": (
+        LlamaConfig(vocab_size=256, dim=192, n_layers=8, n_heads=6, n_kv_heads=2, ffn_dim=512,
+                    max_seq_len=256),
+        TrainConfig(steps=1500, batch_size=8, seq_len=256, lr=2e-3, warmup=100, seed=0,
+                    exit_layer=2, exit_weight=0.5),
+    ),
+    "draft": (
+        LlamaConfig(vocab_size=256, dim=128, n_layers=1, n_heads=4, n_kv_heads=1, ffn_dim=384,
+                    max_seq_len=256),
+        TrainConfig(steps=1500, batch_size=8, seq_len=256, lr=3e-3, warmup=100, seed=0),
+    ),
+}
+
+
+def recipe(name: str) -> dict:
+    if name not in RECIPES:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(RECIPES)}")
+    model_cfg, train_cfg = RECIPES[name]
+    return {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+
+
+def recipe_hash(name: str) -> str:
+    return hashlib.sha256(json.dumps(recipe(name), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def checkpoint_paths(name: str) -> list[Path]:
+    """Where `load` looks, in order: the shipped file, then the build/ cache."""
+    return [SHIPPED / f"{name}.pt", build_dir() / "models" / f"{name}-{recipe_hash(name)}.pt"]
+
+
+def train_and_save(name: str, path: Path, *, progress: bool = True) -> dict:
+    """Train `name`'s recipe from its seed and write the checkpoint (fp16 weights) to `path`."""
+    model_cfg, train_cfg = RECIPES[name]
+    train_tokens, val_tokens = train_val_tokens()
+    torch.manual_seed(train_cfg.seed)
+    model = Llama(model_cfg)
+    result = train(model, train_tokens, val_tokens, train_cfg, progress=progress, desc=name)
+    ckpt = {
+        "recipe": recipe(name), "recipe_hash": recipe_hash(name),
+        "state_dict": {k: v.half() for k, v in model.state_dict().items()},
+        "losses": result.losses, "val_loss": result.val_loss,
+        "val_loss_exit": result.val_loss_exit, "train_seconds": result.seconds,
+        "corpus": corpus_fingerprint(), "torch": torch.__version__,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def checkpoint(name: str, *, train_if_missing: bool = True) -> dict:
+    """The checkpoint dict of `name` whose recipe matches the current one (trains if none)."""
+    for path in checkpoint_paths(name):
+        if path.exists():
+            ckpt = torch.load(path, weights_only=True)
+            if ckpt["recipe_hash"] == recipe_hash(name):
+                return ckpt
+    if not train_if_missing:
+        raise FileNotFoundError(f"no checkpoint of {name!r} for recipe {recipe_hash(name)}")
+    return train_and_save(name, checkpoint_paths(name)[1])
+
+
+def load(name: str, *, train_if_missing: bool = True) -> Llama:
+    """The trained model `name` ("target" or "draft") in float32, eval mode, no grad needed."""
+    ckpt = checkpoint(name, train_if_missing=train_if_missing)
+    model = Llama(LlamaConfig(**ckpt["recipe"]["model"]))
+    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    return model.eval().requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the zoo's models and cache them.")
+    parser.add_argument("names", nargs="*", default=sorted(RECIPES))
+    parser.add_argument("--ship", action="store_true",
+                        help="write into shared/models/checkpoints/ (the committed files)")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        path = SHIPPED / f"{name}.pt" if args.ship else checkpoint_paths(name)[1]
+        ckpt = train_and_save(name, path)
+        print(f"{name}: val loss {ckpt['val_loss']:.3f} nats/byte (exit: "
+              f"{ckpt['val_loss_exit']}), {ckpt['train_seconds']:.0f} s -> {path}")
+
+
+if __name__ == "__main__":
+    main()
