@@ -1,0 +1,215 @@
+"""Triton FlashAttention (forward + FA2 backward) and the standard-attention baseline against
+the float64 reference: ragged sequences, seq_q != seq_k, causal, MHA/GQA/MQA, odd head dims."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernels.attention import (
+    BlockSizes,
+    attention_reference,
+    flash_attention,
+    standard_attention,
+)
+from shared import iocount
+from shared.check import assert_close, fresh_seed
+
+
+def make_inputs(b, h, h_kv, n_q, n_k, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype).requires_grad_()
+               for shape in ((b, h, n_q, d), (b, h_kv, n_k, d), (b, h_kv, n_k, d)))
+    do = torch.randn((b, h, n_q, d), generator=g).to(dtype)
+    return q, k, v, do
+
+
+def reference_grads(q, k, v, do, **kw):
+    """Output and (dq, dk, dv) of the float64 reference on the same (rounded) inputs."""
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    o = attention_reference(q64, k64, v64, **kw)
+    o.backward(do.double())
+    return o, (q64.grad, k64.grad, v64.grad)
+
+
+def check_fwd_bwd(fn, q, k, v, do, what, **kw):
+    o = fn(q, k, v, **kw)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    o.backward(do)
+    o_ref, grads_ref = reference_grads(q, k, v, do, **{k_: kw[k_] for k_ in kw
+                                                      if k_ != "block_sizes"})
+    assert_close(o, o_ref, dtype=q.dtype, what=f"{what} output")
+    for name, x, g_ref in zip(("dq", "dk", "dv"), (q, k, v), grads_ref, strict=True):
+        assert x.grad.shape == x.shape and x.grad.dtype == x.dtype
+        assert_close(x.grad, g_ref, dtype=q.dtype, what=f"{what} {name}")
+
+
+CASES = [  # b, h, h_kv, n_q, n_k, d, causal, dtype, (block_m, block_n)
+    (1, 2, 2, 37, 37, 24, False, torch.float32, (16, 32)),     # MHA, ragged, d not 2^k
+    (1, 2, 2, 37, 37, 24, True, torch.float32, (32, 16)),
+    (2, 4, 2, 65, 100, 40, True, torch.float32, (32, 32)),     # GQA, seq_q < seq_k
+    (1, 4, 1, 100, 37, 64, True, torch.float32, (32, 16)),     # MQA, seq_q > seq_k: empty rows
+    (1, 3, 1, 100, 65, 16, False, torch.float16, (32, 32)),    # MQA, smallest head_dim
+    (2, 2, 2, 65, 65, 128, True, torch.float16, (16, 16)),     # largest head_dim, many blocks
+    (1, 6, 2, 1, 77, 80, True, torch.float16, (16, 32)),       # decoding: one query
+    (1, 2, 1, 129, 100, 96, True, torch.float16, (64, 64)),    # default-size blocks
+    (1, 2, 2, 70, 70, 64, False, torch.float16, None),         # default BlockSizes
+]
+
+
+@pytest.mark.parametrize("b,h,h_kv,n_q,n_k,d,causal,dtype,blocks", CASES, ids=str)
+def test_flash_matches_reference(b, h, h_kv, n_q, n_k, d, causal, dtype, blocks):
+    seed = fresh_seed()
+    q, k, v, do = make_inputs(b, h, h_kv, n_q, n_k, d, dtype, seed)
+    bs = BlockSizes(*blocks) if blocks else None
+    check_fwd_bwd(flash_attention, q, k, v, do, f"seed={seed}", causal=causal, block_sizes=bs)
+
+
+def test_sm_scale_and_strided_inputs():
+    seed = fresh_seed()
+    q, k, v, do = make_inputs(1, 2, 2, 50, 43, 32, torch.float32, seed)
+    # a (b, n, h, d) buffer seen as (b, h, n, d): not contiguous, as after a QKV projection
+    q_t = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not q_t.is_contiguous()
+    check_fwd_bwd(flash_attention, q_t, k, v, do, f"seed={seed}", causal=True, sm_scale=0.3)
+
+
+def test_causal_bottom_right_alignment():
+    q, k, v, _ = make_inputs(1, 2, 2, 40, 70, 32, torch.float32, fresh_seed())
+    bs = BlockSizes(16, 16)
+    o = flash_attention(q, k, v, causal=True, block_sizes=bs)
+    full = flash_attention(q, k, v, causal=False, block_sizes=bs)
+    # the last query sees every key; the first sees keys 0..seq_k − seq_q
+    assert_close(o[:, :, -1], full[:, :, -1], tol=1e-6, what="last row")
+    first = flash_attention(q[:, :, :1], k[:, :, :31], v[:, :, :31], block_sizes=bs)
+    assert_close(o[:, :, :1], first, tol=1e-6, what="first row")
+
+
+def test_rows_without_keys_are_zero():
+    q, k, v, do = make_inputs(1, 1, 1, 50, 20, 16, torch.float32, fresh_seed())
+    o = flash_attention(q, k, v, causal=True, block_sizes=BlockSizes(16, 16))
+    o.backward(do)
+    assert torch.all(o[:, :, :30] == 0) and torch.all(q.grad[:, :, :30] == 0)
+    assert torch.all(o[:, :, 30:].abs().sum(-1) > 0)
+
+
+@given(n_q=st.integers(1, 90), n_k=st.integers(1, 90), d=st.integers(16, 128),
+       heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), causal=st.booleans(),
+       blocks=st.sampled_from([(16, 16), (32, 64), (64, 32)]), seed=st.integers(0, 2**31))
+def test_flash_property_any_shape(n_q, n_k, d, heads, causal, blocks, seed):
+    q, k, v, do = make_inputs(1, *heads, n_q, n_k, d, torch.float32, seed)
+    check_fwd_bwd(flash_attention, q, k, v, do, f"seed={seed}", causal=causal,
+                  block_sizes=BlockSizes(*blocks))
+
+
+@given(seed=st.integers(0, 2**31), group=st.sampled_from([2, 3]))
+def test_gqa_equals_mha_with_repeated_kv(seed, group):
+    """GQA = MHA on repeated K/V; its dK, dV = the repeated heads' gradients summed."""
+    q, k, v, do = make_inputs(1, 2 * group, 2, 45, 53, 24, torch.float32, seed)
+    bs = BlockSizes(16, 32)
+    flash_attention(q, k, v, causal=True, block_sizes=bs).backward(do)
+    k_rep, v_rep = (x.detach().repeat_interleave(group, 1).requires_grad_() for x in (k, v))
+    q2 = q.detach().requires_grad_()
+    flash_attention(q2, k_rep, v_rep, causal=True, block_sizes=bs).backward(do)
+    for g_gqa, g_mha in ((k.grad, k_rep.grad), (v.grad, v_rep.grad)):
+        summed = g_mha.reshape(1, 2, group, 53, 24).sum(2)
+        assert_close(g_gqa, summed.double(), tol=1e-5)
+    assert_close(q.grad, q2.grad.double(), tol=1e-6)
+
+
+@given(seed=st.integers(0, 2**31))
+def test_key_order_does_not_matter(seed):
+    """Without a mask, attention is a set function of the (key, value) pairs."""
+    q, k, v, _ = make_inputs(1, 2, 1, 33, 71, 40, torch.float32, seed)
+    perm = torch.randperm(71, generator=torch.Generator().manual_seed(seed))
+    bs = BlockSizes(16, 16)
+    assert_close(flash_attention(q, k[:, :, perm], v[:, :, perm], block_sizes=bs),
+                 flash_attention(q, k, v, block_sizes=bs).double(), tol=1e-5)
+
+
+@pytest.mark.parametrize("n_q,n_k,causal,dtype", [(37, 37, False, torch.float32),
+                                                  (65, 100, True, torch.float16)])
+def test_standard_attention_matches_reference(n_q, n_k, causal, dtype):
+    seed = fresh_seed()
+    q, k, v, do = make_inputs(2, 2, 2, n_q, n_k, 40, dtype, seed)
+    check_fwd_bwd(standard_attention, q, k, v, do, f"standard seed={seed}", causal=causal,
+                  block_sizes=BlockSizes(32, 32))
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype)
+
+
+BAD = [  # (q, k, v, kwargs, exception, words in the message)
+    (_t(2, 8, 16), _t(2, 8, 16), _t(2, 8, 16), {}, ValueError, "q must have 4"),
+    (_t(1, 4, 8, 32), _t(1, 3, 8, 32), _t(1, 3, 8, 32), {}, ValueError, "k has 3 heads"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 9, 32), {}, ValueError, "v must have"),
+    (_t(1, 2, 8, 32), _t(2, 2, 8, 32), _t(2, 2, 8, 32), {}, ValueError, "k has batch"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 24), _t(1, 2, 8, 24), {}, ValueError, "k has head_dim"),
+    (_t(1, 2, 8, 8), _t(1, 2, 8, 8), _t(1, 2, 8, 8), {}, ValueError, "head_dim 8"),
+    (_t(1, 2, 8, 160), _t(1, 2, 8, 160), _t(1, 2, 8, 160), {}, ValueError, "head_dim 160"),
+    (_t(1, 2, 0, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {}, ValueError, "q is empty"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 32, dtype=torch.float16), _t(1, 2, 8, 32), {}, TypeError, "k"),
+    (_t(1, 2, 8, 32, dtype=torch.float64), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {}, TypeError,
+     "q must have dtype"),
+    (_t(1, 2, 8, 32).numpy(), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {}, TypeError, "q must be"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {"causal": 1}, TypeError, "causal"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {"sm_scale": -1.0}, ValueError,
+     "sm_scale"),
+    (_t(1, 2, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32), {"block_sizes": (64, 64)}, TypeError,
+     "block_sizes"),
+]
+
+
+@pytest.mark.parametrize("q,k,v,kw,exc,words", BAD, ids=[b[-1] for b in BAD])
+def test_bad_input_names_the_argument(q, k, v, kw, exc, words):
+    with pytest.raises(exc, match=words):
+        flash_attention(q, k, v, **kw)
+
+
+def test_bad_block_sizes_and_bf16():
+    with pytest.raises(ValueError, match="block_m must be a power of two"):
+        BlockSizes(48, 64)
+    with pytest.raises(ValueError, match="block_n"):
+        BlockSizes(64, 8)
+    x = _t(1, 2, 8, 32, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q must have dtype"):  # interpreter: bf16 is wrong
+        flash_attention(x, x, x)
+    with pytest.raises(ValueError, match="multi-head only"):
+        standard_attention(_t(1, 4, 8, 32), _t(1, 2, 8, 32), _t(1, 2, 8, 32))
+
+
+def _flash_forward_bytes(b, h, h_kv, n_q, n_k, d, bm, itemsize):
+    """FA forward traffic, non-causal: Q read once, K and V once per query block (FA1 Thm 2),
+    O written once, L (fp32) written once."""
+    n_blocks = -(-n_q // bm)
+    loaded = b * h * (n_q * d + 2 * n_blocks * n_k * d) * itemsize
+    stored = b * h * (n_q * d * itemsize + n_q * 4)
+    return loaded, stored
+
+
+@pytest.mark.parametrize("n_q,n_k,d,bm,bn", [(100, 77, 40, 32, 16), (64, 130, 64, 64, 32)])
+def test_forward_traffic_is_exactly_the_io_model(n_q, n_k, d, bm, bn):
+    q, k, v, _ = make_inputs(1, 2, 1, n_q, n_k, d, torch.float16, fresh_seed())
+    with iocount.count() as c:
+        flash_attention(q, k, v, block_sizes=BlockSizes(bm, bn))
+    assert (c.bytes_loaded, c.bytes_stored) == _flash_forward_bytes(1, 2, 1, n_q, n_k, d, bm, 2)
+    assert c.launches == 1
+
+
+def test_causal_skips_blocks_and_standard_moves_more():
+    q, k, v, do = make_inputs(1, 1, 1, 128, 128, 32, torch.float16, fresh_seed())
+    bs = BlockSizes(32, 32)
+    counts = {}
+    for name, fn, causal in (("flash", flash_attention, False),
+                             ("flash causal", flash_attention, True),
+                             ("standard", standard_attention, False)):
+        with iocount.count() as c:
+            fn(q, k, v, causal=causal, block_sizes=bs).backward(do)
+        counts[name] = c
+    # 4 query blocks see 1, 2, 3, 4 key blocks instead of 4 each: 10/16 of the dots
+    assert counts["flash causal"].dot_flops * 16 == counts["flash"].dot_flops * 10
+    assert counts["flash causal"].bytes_loaded < counts["flash"].bytes_loaded
+    # standard attention writes S, P, dP, dS (4 N² values, fp16) and more besides
+    assert counts["standard"].bytes_stored >= 4 * 128 * 128 * 2
+    assert counts["standard"].bytes_total > 2 * counts["flash"].bytes_total
