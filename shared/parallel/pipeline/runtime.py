@@ -1,0 +1,113 @@
+"""Run a schedule for real: one rank's loop over its actions (torch.distributed).
+
+For each action of this rank, in order (schedules.py):
+  F(i, c):  receive the activation (or take microbatch i's tokens on stage 0), run the chunk,
+            stash (input, output) for the backward, send the output downstream;
+            the last stage computes loss_i / m (gradient accumulation over m microbatches
+            averages to the full batch's mean loss).
+  BW(i, c): receive dL/d(output), backpropagate through the stash, send dL/d(input) upstream;
+            parameter gradients accumulate in .grad.
+  B / W:    the two halves of BW (backward.py): B sends dL/d(input) at once, W comes later.
+Each action's start and end are recorded (after its receive, so waiting counts as bubble).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shared.parallel.pipeline.backward import backward_input, backward_weight
+from shared.parallel.pipeline.comms import ACTIVATION, GRADIENT, P2P
+from shared.parallel.pipeline.schedules import Action, Schedule
+from shared.parallel.pipeline.stages import Stage, _sleep_until
+
+
+@dataclass
+class RankRun:
+    rank: int
+    loss: float | None  # summed over microbatches; only on the rank holding the last stage
+    spans: list[tuple[Action, float, float]]  # (action, start, end), seconds since t0
+    peak_stashed: int  # most microbatch-chunks held for a backward at once
+    peak_stashed_bytes: int  # their saved activations, at the moment of the peak bytes
+    stash_bytes: list[int]  # saved activation bytes of each stashed forward, in order
+
+
+class _SavedBytes:
+    """Counts the distinct storages autograd saves for backward, parameters excluded."""
+
+    def __init__(self, params):
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.skip:
+            self.seen[s.data_ptr()] = s.nbytes()
+        return t
+
+
+def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
+                 microbatches: list[tuple[torch.Tensor, torch.Tensor]], *,
+                 hidden: torch.Tensor, comm: P2P, t0: float) -> RankRun:
+    """Execute ``schedule.ranks[rank]``. `stages[c]` is this rank's chunk c; `microbatches`
+    are (tokens [b, T], targets [b, T]); `hidden` is a tensor shaped like one activation
+    [b, T, D] (the receive buffers' template)."""
+    m, last = schedule.num_microbatches, schedule.num_virtual - 1
+    stash: dict[tuple[int, int], tuple] = {}  # (mb, chunk) -> (input, output, saved bytes)
+    weight_jobs: dict[tuple[int, int], object] = {}
+    spans, sizes = [], []
+    loss_sum, peak, peak_bytes = 0.0, 0, 0
+    for a in schedule.ranks[rank]:
+        s = schedule.stage(rank, a.chunk)
+        stage = stages[a.chunk]
+        params = list(stage.parameters())
+        if a.kind == "F":
+            x = (microbatches[a.mb][0] if s == 0 else
+                 comm.recv(hidden, schedule.place(s - 1)[0], comm.tag(ACTIVATION, a.mb, s)))
+            start = time.perf_counter()
+            if s > 0:
+                x.requires_grad_()
+            saved = _SavedBytes(params)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                inp, out = stage.run(x)
+                if s == last:
+                    targets = microbatches[a.mb][1]
+                    out = F.cross_entropy(out.flatten(0, 1), targets.flatten()) / m
+                    loss_sum += out.item()
+            nbytes = sum(saved.seen.values())
+            sizes.append(nbytes)
+            stash[a.mb, a.chunk] = (inp, out, nbytes)
+            peak = max(peak, len(stash))
+            peak_bytes = max(peak_bytes, sum(v[2] for v in stash.values()))
+            if s < last:
+                comm.send(out.detach(), schedule.place(s + 1)[0],
+                          comm.tag(ACTIVATION, a.mb, s + 1))
+        elif a.kind in ("B", "BW"):
+            inp, out, _ = stash[a.mb, a.chunk]
+            g = (None if s == last else
+                 comm.recv(hidden, schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)))
+            start = time.perf_counter()
+            if stage.slots is not None:
+                stage.slots.backward = stage.slots.b + (stage.slots.w if a.kind == "BW" else 0)
+            if a.kind == "BW":
+                inputs = params + ([inp] if s > 0 else [])
+                torch.autograd.backward(out, g, inputs=inputs)
+                grad_in = inp.grad if s > 0 else None
+                del stash[a.mb, a.chunk]
+            else:
+                grad_in, weight_jobs[a.mb, a.chunk] = backward_input(out, g, inp, params)
+            if s > 0:
+                comm.send(grad_in, schedule.place(s - 1)[0], comm.tag(GRADIENT, a.mb, s - 1))
+        else:  # W
+            start = time.perf_counter()
+            backward_weight(weight_jobs.pop((a.mb, a.chunk)))
+            del stash[a.mb, a.chunk]
+            if stage.slots is not None:
+                _sleep_until(start + stage.slots.w)
+        spans.append((a, start - t0, time.perf_counter() - t0))
+    comm.flush()
+    return RankRun(rank, loss_sum if rank == schedule.place(last)[0] else None, spans, peak,
+                   peak_bytes, sizes)

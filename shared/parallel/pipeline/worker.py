@@ -1,0 +1,138 @@
+"""The training script on top: build the model on every rank, run pipeline jobs, report.
+
+`pipeline_worker(spec, jobs)` is what `launch.spawn` runs on each rank; ``python -m
+torch.distributed.run --standalone --nproc-per-node=4 -m shared.parallel.pipeline.worker
+--schedule 1f1b --microbatches 8`` runs one job the torchrun way (and spans nodes).
+Every rank builds the full model from the same seed and keeps its stages: simple and exactly
+reproducible at this size; a large model would build only its own layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shared.data import batches, train_val_tokens
+from shared.models.llama import Llama, LlamaConfig
+from shared.parallel import launch
+from shared.parallel.pipeline.comms import P2P
+from shared.parallel.pipeline.runtime import run_schedule
+from shared.parallel.pipeline.schedules import make_schedule
+from shared.parallel.pipeline.stages import Slots, split_llama
+from shared.parallel.pipeline.torch_pp import TorchPipeline
+from shared.parallel.pipeline.validate import validate
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: LlamaConfig
+    seq_len: int
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    runtime: str  # "ours" or "torch" (torch.distributed.pipelining)
+    schedule: str
+    num_microbatches: int
+    chunks: int = 1
+    microbatch_size: int = 2
+    slots: tuple[float, float, float] | None = None  # emulated f, b, w seconds (stages.py)
+    steps: int = 1
+    grads: bool = False  # return this rank's parameter gradients (first step)
+    fail_at: int | None = None  # test hook: rank 1 raises before its action #fail_at
+
+
+def build_model(spec: ModelSpec) -> Llama:
+    torch.manual_seed(spec.seed)
+    return Llama(spec.config)
+
+
+def make_batch(spec: ModelSpec, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, targets) [n_seqs, seq_len] from the shared corpus, the same on every rank."""
+    train, _ = train_val_tokens(200_000)
+    gen = torch.Generator().manual_seed(spec.seed + n_seqs)
+    return next(batches(train, n_seqs, spec.seq_len, generator=gen))
+
+
+def reference(spec: ModelSpec, n_seqs: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Single-process training step on the same batch: mean loss and every gradient."""
+    model = build_model(spec)
+    tokens, targets = make_batch(spec, n_seqs)
+    loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list[dict]:
+    names = {id(q): n for n, q in model.named_parameters()}
+    slots = Slots(*job.slots) if job.slots else None
+    stages_all = split_llama(model, p * job.chunks, slots=slots)
+    stages = {c: stages_all[c * p + rank] for c in range(job.chunks)}
+    m, b = job.num_microbatches, job.microbatch_size
+    tokens, targets = make_batch(spec, m * b)
+    schedule = validate(make_schedule(job.schedule, p, m, chunks=job.chunks))
+    if job.fail_at is not None and rank == 1:
+        actions = list(schedule.ranks[1])
+        actions.insert(job.fail_at, None)  # run_schedule trips over it: a rank that fails
+        schedule = type(schedule)(schedule.name, p, m, job.chunks,
+                                  schedule.ranks[:1] + (tuple(actions),) + schedule.ranks[2:])
+    torch_pp = (TorchPipeline(job.schedule, rank, p, stages, m, launch.device())
+                if job.runtime == "torch" else None)
+    hidden = torch.empty(b, spec.seq_len, spec.config.dim)
+    out = []
+    for step in range(job.steps):
+        model.zero_grad(set_to_none=True)
+        dist.barrier()
+        t0 = time.perf_counter()
+        if torch_pp is not None:
+            loss, run = torch_pp.step(tokens, targets), None
+        else:
+            comm = P2P(m, p * job.chunks, launch.TIMEOUT_S)
+            micro = list(zip(tokens.split(b), targets.split(b), strict=True))
+            run = run_schedule(schedule, rank, stages, micro, hidden=hidden, comm=comm, t0=t0)
+            loss = run.loss
+        dist.barrier()
+        rec = {"job": job, "step": step, "loss": loss, "time_s": time.perf_counter() - t0,
+               "run": run, "tokens": tokens.numel()}
+        if job.grads and step == 0:
+            rec["grads"] = {names[id(q)]: q.grad.clone() for c in stages
+                            for q in stages[c].parameters() if q.grad is not None}
+        out.append(rec)
+    return out
+
+
+def pipeline_worker(spec: ModelSpec, jobs: list[Job]) -> list[list[dict]]:
+    """Runs on every rank (launch.spawn or torchrun); returns, per job, one record per step."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    model = build_model(spec)
+    return [_run_job(model, spec, job, rank, p) for job in jobs]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schedule", default="1f1b")
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=1)
+    ap.add_argument("--runtime", default="ours", choices=("ours", "torch"))
+    args = ap.parse_args(argv)
+    spec = ModelSpec(LlamaConfig(vocab_size=256, dim=64, n_layers=8, n_heads=4, n_kv_heads=2,
+                                 ffn_dim=128, max_seq_len=32), seq_len=32)
+    rank, _ = launch.init_from_env()
+    try:
+        (rec,) = pipeline_worker(spec, [Job(args.runtime, args.schedule, args.microbatches,
+                                            args.chunks)])[0]
+        if rec["loss"] is not None:
+            print(f"rank {rank}: {args.runtime} {args.schedule} loss {rec['loss']:.6f} "
+                  f"step {rec['time_s'] * 1e3:.1f} ms", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
