@@ -5,6 +5,8 @@ for another rank posts a non-blocking send as it ends; an action that needs a te
 another rank posts its receive right before it starts and blocks on it. Under that model a
 schedule deadlocks exactly when some ranks wait, each on an action another waiting rank has
 not run yet: `validate` plays the schedule in that order and names the actions it sticks on.
+It also checks that each pair of ranks receives in the order it sends (`fifo_order`), which
+NCCL needs: it matches point-to-point messages in order, not by tag.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def validate(schedule: Schedule) -> Schedule:
                                  f"backward: either BW, or B and W (got BW={fused}, "
                                  f"B={split[0]}, W={split[1]})")
     order(schedule)
+    fifo_order(schedule)
     return schedule
 
 
@@ -100,3 +103,26 @@ def order(schedule: Schedule) -> list[tuple[int, Action]]:
             for r, a in stuck)
         raise ValueError(f"{schedule.name}: deadlock: {waits}")
     return out
+
+
+def fifo_order(schedule: Schedule) -> None:
+    """NCCL ignores tags and matches each pair's messages in order: check that every rank
+    sends to each peer in the order that peer receives. ValueError naming the pair if not."""
+    sends: dict[tuple[int, int], list[Unit]] = {}
+    recvs: dict[tuple[int, int], list[Unit]] = {}
+    last = schedule.num_virtual - 1
+    for r, acts in enumerate(schedule.ranks):
+        for a in acts:
+            s = schedule.stage(r, a.chunk)
+            if a.kind == "F" and s < last:  # activation to stage s + 1
+                sends.setdefault((r, schedule.place(s + 1)[0]), []).append(("act", a.mb, s + 1))
+            if a.kind == "F" and s > 0:
+                recvs.setdefault((schedule.place(s - 1)[0], r), []).append(("act", a.mb, s))
+            if a.kind in ("B", "BW") and s > 0:  # input gradient to stage s - 1
+                sends.setdefault((r, schedule.place(s - 1)[0]), []).append(("grad", a.mb, s - 1))
+            if a.kind in ("B", "BW") and s < last:
+                recvs.setdefault((schedule.place(s + 1)[0], r), []).append(("grad", a.mb, s))
+    for (src, dst), sent in sends.items():
+        if src != dst and sent != recvs.get((src, dst)):
+            raise ValueError(f"{schedule.name}: rank {src} sends to rank {dst} in an order "
+                             f"rank {dst} does not receive in")

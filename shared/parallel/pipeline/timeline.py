@@ -1,0 +1,47 @@
+"""Read recorded runs: bubble fraction and throughput from spans, and timelines drawn like the
+papers' figures (one row per rank, time to the right, a box per action, microbatch inside).
+
+Spans are ``(Action, start, end)`` per rank, from the simulator or from real runs (each
+rank's clock is measured from a barrier all ranks leave together, runtime.py / worker.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.parallel.pipeline.schedules import Action
+
+Spans = Sequence[Sequence[tuple[Action, float, float]]]  # per rank
+COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#C8A23A", "BW": "#55A868"}
+
+
+def bubble_fraction(spans: Spans) -> float:
+    """Idle share of the makespan, averaged over ranks. The makespan runs from the first
+    action's start to the last action's end on any rank; waiting for a message is idle."""
+    start = min(s for rank in spans for _, s, _ in rank)
+    end = max(e for rank in spans for _, _, e in rank)
+    busy = [sum(e - s for _, s, e in rank) for rank in spans]
+    return sum(1 - b / (end - start) for b in busy) / len(spans)
+
+
+def makespan(spans: Spans) -> float:
+    return (max(e for rank in spans for _, _, e in rank)
+            - min(s for rank in spans for _, s, _ in rank))
+
+
+def plot_timeline(ax, spans: Spans, title: str = "", *, unit: float = 1.0,
+                  chunks: int = 1) -> None:
+    """Boxes per rank (rank 0 on top): F blue, B / BW green, W gold; later chunks hatched.
+    Times are divided by `unit` (e.g. 1e-3 for milliseconds)."""
+    t0 = min(s for rank in spans for _, s, _ in rank)
+    for r, rank in enumerate(spans):
+        for a, s, e in rank:
+            x, width = (s - t0) / unit, (e - s) / unit
+            ax.barh(r, width, left=x, height=0.8, color=COLORS[a.kind], edgecolor="white",
+                    linewidth=0.5, hatch="//" if a.chunk else None)
+            ax.text(x + width / 2, r, str(a.mb), ha="center", va="center", fontsize=6,
+                    color="white")
+    ax.set_yticks(range(len(spans)), [f"rank {r}" for r in range(len(spans))])
+    ax.set_ylim(len(spans) - 0.5, -0.5)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("time" if unit == 1.0 else f"time ({'ms' if unit == 1e-3 else unit})")
