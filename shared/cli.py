@@ -1,4 +1,5 @@
-"""`kclub`: list the labs, run one headless, run benchmarks, print the claims table."""
+"""`kclub`: list the labs, run one headless, strip it for commit, run benchmarks, print the
+claims table."""
 
 from __future__ import annotations
 
@@ -57,6 +58,38 @@ def cmd_run(args) -> int:
     return 0
 
 
+CHECKED = "# NBVAL_CHECK_OUTPUT"
+
+
+def cmd_strip(args) -> int:
+    """Prepare a lab for commit: clear every output except those of `# NBVAL_CHECK_OUTPUT`
+    cells, which are taken from the last `kclub run` (build/<slug>/<slug>.ipynb)."""
+    import nbformat
+
+    lab = labs.get(args.slug)
+    nb = nbformat.read(lab.notebook, as_version=4)
+    executed_path = lab_build_dir(lab.slug) / f"{lab.slug}.ipynb"
+    executed = nbformat.read(executed_path, as_version=4) if executed_path.exists() else None
+    kept = 0
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.execution_count = None
+        cell.outputs = []
+        cell.metadata.pop("execution", None)
+        if cell.source.lstrip().startswith(CHECKED):
+            if executed is None or executed.cells[i].source != cell.source:
+                print(f"kclub: run the lab first (kclub run {lab.slug}): cell {i} is checked "
+                      "but has no current executed output", file=sys.stderr)
+                return 1
+            cell.outputs = [o for o in executed.cells[i].outputs
+                            if o.get("name") == "stdout" or o.output_type != "stream"]
+            kept += 1
+    nbformat.write(nb, lab.notebook)
+    print(f"{lab.notebook.name}: outputs cleared; kept {kept} checked cell(s)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     chosen = [labs.get(args.slug)] if args.slug else list(labs.discover().values())
     status = 0
@@ -91,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run a lab's benchmark (all labs without a slug)")
     bench.add_argument("slug", nargs="?")
     bench.set_defaults(fn=cmd_bench)
+    strip = sub.add_parser("strip", help="clear a lab's outputs for commit, keeping the "
+                           "# NBVAL_CHECK_OUTPUT cells' outputs from its last run")
+    strip.add_argument("slug")
+    strip.set_defaults(fn=cmd_strip)
     cl = sub.add_parser("claims", help="the claims table from the labs' last runs")
     cl.add_argument("--lab")
     cl.set_defaults(fn=cmd_claims)

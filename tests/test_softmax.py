@@ -7,7 +7,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernels.softmax import safe_softmax, softmax, softmax_pallas, softmax_reference
+from kernels.softmax import (
+    safe_softmax,
+    softmax,
+    softmax_pallas,
+    softmax_reference,
+    softmax_xla_online,
+    softmax_xla_safe,
+)
 from shared import iocount
 from shared.check import assert_close, fresh_seed
 
@@ -122,3 +129,11 @@ def test_memory_accesses_per_element():
 def test_bad_input(bad, err, match):
     with pytest.raises(err, match=match):
         bad()
+
+
+@pytest.mark.parametrize("fn", [softmax_xla_online, softmax_xla_safe], ids=lambda f: f.__name__)
+def test_xla_versions(fn):
+    x = _inputs((13, 517), torch.float32, fresh_seed())
+    x[1, :300] = float("-inf")
+    x[2] *= 1e4
+    assert_close(fn(jnp.asarray(x.numpy())), softmax_reference(x.double()))

@@ -4,7 +4,7 @@ Two pallas_calls over a (row blocks, column blocks) grid:
   1. statistics: the column axis is the innermost ("arbitrary") grid axis; the m and d output
      blocks keep the same index along it, so they stay resident in VMEM/SRAM while the tiles
      of one row block stream past, updated by the online rule
-         m' = max(m, max_j x_j),  d' = d·exp(m − m') + Σ_j exp(x_j − m')   (paper §3, eq. 4);
+         m' = max(m, max_j x_j),  d' = d·exp(m − m') + Σ_j exp(x_j − m')   (Algorithm 3);
   2. normalise: each tile is read again and written once as exp(x − m) / d.
 Global memory sees 2 reads and 1 write per element, as in Algorithm 3.
 Edge tiles are masked with an iota against the true row length, so any N works.

@@ -7,7 +7,7 @@ A row of length N is read in tiles of BLOCK_N. Per element of global memory:
     online softmax (Alg. 3) pass 1 max and Σexp together, pass 2 write  2 loads + 1 store = 3
 
 The online pass keeps a running max m and a running sum d and rescales d whenever m grows:
-    m' = max(m, max_j x_j),   d' = d·exp(m − m') + Σ_j exp(x_j − m')          (§3, eq. 4)
+    m' = max(m, max_j x_j),   d' = d·exp(m − m') + Σ_j exp(x_j − m')          (Algorithm 3)
 Softmax is memory bound, so 4/3 fewer accesses predict a speed-up of up to 1.33×.
 When a whole row fits in one tile the row stays in registers and is read once (2 accesses).
 Each program owns BLOCK_M rows, so short rows still give a program a large tile.

@@ -1,0 +1,94 @@
+"""Online softmax: the measurements behind the lab, and `kclub bench online-softmax`.
+
+On any machine: memory accesses per element counted in Triton's interpreter, and the roofline
+prediction they imply on named GPUs. On this CPU: compiled (XLA) wall clock of both algorithms.
+On a CUDA machine: the Triton kernels timed against torch.softmax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import torch
+
+from kernels.device import INTERPRET, gpu_available
+from kernels.softmax import safe_softmax, softmax, softmax_xla_online, softmax_xla_safe
+from shared import bench, iocount, roofline
+
+# FLOPs per element, counted from the kernels: max (1), exp (1 as counted by roofline
+# convention), add (1), divide (1); the online pass adds a compare and a rescale per tile only.
+FLOPS_PER_ELEMENT = 4
+
+
+def accesses_per_element(rows: int, cols: int, block: int, dtype=torch.float32) -> dict:
+    """Counted global-memory accesses per element for both kernels at one row length."""
+    x = torch.randn(rows, cols, dtype=dtype)
+    out = {"cols": cols, "block": block}
+    for name, fn in (("safe", safe_softmax), ("online", softmax)):
+        with iocount.count() as c:
+            fn(x, block_size=block)
+        out[name] = c.bytes_total / (x.numel() * x.element_size())
+        out[f"{name}_bytes"] = c.bytes_total
+    return out
+
+
+def predicted_speedup(hw: str, rows: int, cols: int, bytes_per_element: int = 2) -> dict:
+    """Roofline time of safe (4 accesses) and online (3) softmax, and their ratio."""
+    n = rows * cols
+    flops = FLOPS_PER_ELEMENT * n
+    dtype = "fp16" if bytes_per_element == 2 else "fp32"
+    safe = roofline.predict(flops, 4 * n * bytes_per_element, hw, dtype)
+    online = roofline.predict(flops, 3 * n * bytes_per_element, hw, dtype)
+    return {"hardware": hw, "safe_s": safe.time_s, "online_s": online.time_s,
+            "bound": online.bound, "speedup": safe.time_s / online.time_s}
+
+
+def cpu_wallclock(rows: int, cols: int, repeat: int = 5) -> dict[str, bench.Timing]:
+    """Compiled code on this CPU: both algorithms in XLA, XLA's own softmax, torch's, and a
+    copy (1 read + 1 write: the floor any softmax must pay)."""
+    x = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)
+    xt = torch.from_numpy(jax.device_get(x).copy())
+    double = jax.jit(lambda v: v * 2.0)
+    return bench.compare({
+        "online (XLA, ⊕-reduce)": lambda: softmax_xla_online(x),
+        "safe (XLA, 3 sweeps)": lambda: softmax_xla_safe(x),
+        "jax.nn.softmax": lambda: jax.nn.softmax(x),
+        "torch.softmax": lambda: torch.softmax(xt, -1),
+        "copy floor (x·2)": lambda: double(x),
+    }, repeat=repeat)
+
+
+def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536)) -> list[dict]:
+    """On a CUDA GPU: effective bandwidth of each softmax (minimal traffic: one read, one
+    write), with a tile of 1024 so long rows take the multi-tile path."""
+    rows_out = []
+    for cols in cols_list:
+        x = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
+        nbytes = 2 * x.numel() * x.element_size()
+        timings = {
+            "online": bench.measure(lambda x=x: softmax(x, block_size=1024)),
+            "safe": bench.measure(lambda x=x: safe_softmax(x, block_size=1024)),
+            "torch": bench.measure(lambda x=x: torch.softmax(x, -1)),
+        }
+        rows_out.append({"cols": cols, **{k: nbytes / t.median_s / 1e9
+                                          for k, t in timings.items()}})
+    return rows_out
+
+
+def main() -> int:
+    if INTERPRET:
+        for cols in (1024, 4096, 16384):
+            a = accesses_per_element(8, cols, 256)
+            print(f"N={cols:6d}: accesses per element safe {a['safe']:.2f}, "
+                  f"online {a['online']:.2f} (counted, Triton interpreter)")
+        for hw in ("H100 SXM", "A100 80GB", "TPU v5e"):
+            p = predicted_speedup(hw, 4096, 32768)
+            print(f"{hw}: predicted speed-up online over safe {p['speedup']:.2f}x "
+                  f"({p['bound']} bound, roofline from counted bytes)")
+        for name, t in cpu_wallclock(2048, 8192).items():
+            print(f"{name:26s} {t}")
+    if gpu_available() and not INTERPRET:
+        print("GB/s of minimal traffic (fp16, 4096 rows), CUDA events via do_bench")
+        for row in gpu_table():
+            print(row)
+    return 0

@@ -1,0 +1,71 @@
+"""`kclub` as a user meets it: list, unknown slugs, claims, strip."""
+
+import json
+import shutil
+
+import pytest
+
+from shared import cli, labs
+
+
+def test_list(capsys):
+    assert cli.main(["list"]) == 0
+    assert "online-softmax" in capsys.readouterr().out
+
+
+def test_unknown_slug_lists_the_valid_ones(capsys):
+    assert cli.main(["run", "no-such-lab"]) == 2
+    err = capsys.readouterr().err
+    assert "no lab 'no-such-lab'" in err and "online-softmax" in err
+
+
+def test_claims_empty(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KC_BUILD", str(tmp_path))
+    assert cli.main(["claims"]) == 0
+    assert "no claims yet" in capsys.readouterr().out
+
+
+@pytest.fixture
+def lab_copy(tmp_path, monkeypatch):
+    """online-softmax copied into a scratch labs/ folder, with a scratch build/."""
+    labs_dir = tmp_path / "labs"
+    labs_dir.mkdir()
+    shutil.copy(labs.get("online-softmax").notebook, labs_dir)
+    monkeypatch.setattr(labs, "LABS", labs_dir)
+    monkeypatch.setenv("KC_BUILD", str(tmp_path / "build"))
+    return labs.get("online-softmax")
+
+
+def test_strip_needs_a_run(lab_copy):
+    assert cli.main(["strip", "online-softmax"]) == 1   # a checked cell, nothing executed
+
+
+def test_strip_keeps_checked_outputs(lab_copy, tmp_path):
+    executed = json.loads(lab_copy.notebook.read_text())
+    for cell in executed["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hi\n"]},
+                               {"output_type": "stream", "name": "stderr", "text": ["noise"]}]
+    out = tmp_path / "build" / lab_copy.slug
+    out.mkdir(parents=True)
+    (out / f"{lab_copy.slug}.ipynb").write_text(json.dumps(executed))
+    assert cli.main(["strip", "online-softmax"]) == 0
+    stripped = json.loads(lab_copy.notebook.read_text())
+    kept = 0
+    for cell in stripped["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        checked = "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")
+        assert [o.get("name") for o in cell["outputs"]] == (["stdout"] if checked else [])
+        kept += checked
+    assert kept >= 1
+
+
+def test_bad_metadata(tmp_path, monkeypatch):
+    shutil.copy(labs.get("online-softmax").notebook, tmp_path / "x.ipynb")
+    nb = json.loads((tmp_path / "x.ipynb").read_text())
+    del nb["metadata"]["kclub"]
+    (tmp_path / "x.ipynb").write_text(json.dumps(nb))
+    monkeypatch.setattr(labs, "LABS", tmp_path)
+    with pytest.raises(ValueError, match="kclub.title"):
+        labs.discover()
