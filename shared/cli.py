@@ -84,6 +84,7 @@ def cmd_strip(args) -> int:
                 return 1
             cell.outputs = [o for o in executed.cells[i].outputs
                             if o.get("name") == "stdout" or o.output_type != "stream"]
+            cell.execution_count = executed.cells[i].execution_count  # nbval needs it
             kept += 1
     nbformat.write(nb, lab.notebook)
     print(f"{lab.notebook.name}: outputs cleared; kept {kept} checked cell(s)")

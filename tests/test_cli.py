@@ -44,6 +44,7 @@ def test_strip_keeps_checked_outputs(lab_copy, tmp_path):
     executed = json.loads(lab_copy.notebook.read_text())
     for cell in executed["cells"]:
         if cell["cell_type"] == "code":
+            cell["execution_count"] = 3
             cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hi\n"]},
                                {"output_type": "stream", "name": "stderr", "text": ["noise"]}]
     out = tmp_path / "build" / lab_copy.slug
@@ -57,6 +58,7 @@ def test_strip_keeps_checked_outputs(lab_copy, tmp_path):
             continue
         checked = "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")
         assert [o.get("name") for o in cell["outputs"]] == (["stdout"] if checked else [])
+        assert cell["execution_count"] == (3 if checked else None)
         kept += checked
     assert kept >= 1
 
