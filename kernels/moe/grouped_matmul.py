@@ -135,7 +135,7 @@ def tile_schedule(group_sizes: torch.Tensor, m: int, block_m: int):
 
 
 def _check(x, w, group_sizes):
-    check_tensor(x, "x", ndim=2, dtypes=DTYPES)
+    check_tensor(x, "x", ndim=2, dtypes=DTYPES, nonempty=False)  # M = 0: a rank with no tokens
     check_tensor(w, "w", ndim=3, dtypes=DTYPES)
     check_tensor(group_sizes, "group_sizes", ndim=1, dtypes=(torch.int32, torch.int64))
     check_same_device(("x", x), ("w", w), ("group_sizes", group_sizes))
@@ -151,6 +151,8 @@ def _forward(x, w, group_sizes, blocks: Blocks) -> torch.Tensor:
     M, K = x.shape
     E, _, N = w.shape
     out = new_output((M, N), x.dtype, x.device)
+    if M == 0:
+        return out
     start, end, group = tile_schedule(group_sizes, M, blocks.m)
     grid = (start.numel(), triton.cdiv(N, blocks.n))
     grouped_matmul_kernel[grid](

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kernels.moe import (
     grouped_matmul,
-    grouped_matmul_reference,
+    grouped_matmul_torch,
     permute,
     permute_reference,
     unpermute,
@@ -81,7 +81,7 @@ def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch"):
     """MegaBlocks dropless dispatch: permute, grouped SwiGLU, gated unpermute. y [T, D].
 
     backend "triton": the Triton kernels (the GPU path; the interpreter on a CPU);
-    backend "torch": the reference ops, one BLAS call per expert (the sensible CPU path).
+    backend "torch": torch index ops and torch's grouped GEMM (the sensible CPU path).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -89,7 +89,7 @@ def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch"):
     if backend == "triton":
         perm, gmm, unperm = permute, grouped_matmul, unpermute
     else:
-        perm, gmm, unperm = permute_reference, grouped_matmul_reference, unpermute_reference
+        perm, gmm, unperm = permute_reference, grouped_matmul_torch, unpermute_reference
     xs, group_sizes, positions = perm(x, indices, E)                 # [T·k, D] by expert
     gate, up = gmm(xs, w_gate_up, group_sizes).chunk(2, dim=-1)      # [T·k, F] each
     ys = gmm((F.silu(gate) * up).contiguous(), w_down, group_sizes)  # [T·k, D]

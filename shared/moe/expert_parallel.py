@@ -23,7 +23,7 @@ from torch import nn
 
 from kernels.moe import (
     grouped_matmul,
-    grouped_matmul_reference,
+    grouped_matmul_torch,
     permute_reference,
     unpermute_reference,
 )
@@ -72,7 +72,7 @@ class ExpertParallelMoE(nn.Module):
         self.router = layer.router                                        # replicated
         self.w_gate_up = nn.Parameter(layer.w_gate_up.detach()[lo:hi].clone())  # [E/W, D, 2F]
         self.w_down = nn.Parameter(layer.w_down.detach()[lo:hi].clone())         # [E/W, F, D]
-        self.gmm = grouped_matmul if backend == "triton" else grouped_matmul_reference
+        self.gmm = grouped_matmul if backend == "triton" else grouped_matmul_torch
         self.sent_rows = 0  # rows this rank sent to other ranks in the last dispatch
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""shared/moe: routers, the two dispatches, the layer, and the Mixtral comparison."""
+
+import pytest
+import torch
+
+from shared.check import assert_close, fresh_seed, seed_everything
+from shared.moe import (
+    BiasBalancedRouter,
+    HashRouter,
+    MoELayer,
+    SwitchRouter,
+    TopKRouter,
+    capacity,
+    capacity_slots,
+    moe_aux_loss,
+    token_ids,
+)
+from shared.moe.hf_mixtral import mixtral_block
+
+D, F, E = 24, 40, 6
+
+
+def _routers():
+    return {"topk": TopKRouter(D, E, 2), "switch": SwitchRouter(D, E),
+            "bias": BiasBalancedRouter(D, E, 3), "hash": HashRouter(D, E)}
+
+
+def _grads(layer, x, ids):
+    y = layer(x, ids)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + layer.aux_loss
+    params = [p for p in layer.parameters()]
+    return y, torch.autograd.grad(loss, [x, *params], allow_unused=True)
+
+
+@pytest.mark.parametrize("name", ["topk", "switch", "bias", "hash"])
+def test_dispatch_modes_agree_when_nothing_is_dropped(name):
+    seed_everything(fresh_seed())
+    T = 37
+    layer = MoELayer(D, F, _routers()[name], dispatch="einsum", init_std=0.2)
+    x = torch.randn(T, D, requires_grad=True)
+    ids = torch.randint(0, 256, (T,))
+    results = {}
+    for dispatch, backend in [("einsum", "torch"), ("sort", "torch"), ("sort", "triton")]:
+        layer.dispatch, layer.backend = dispatch, backend
+        results[dispatch, backend] = _grads(layer, x, ids)
+        assert layer.last_dropped == 0.0
+    y0, g0 = results["einsum", "torch"]
+    for key, (y, g) in results.items():
+        assert_close(y, y0, dtype=torch.float32, what=f"{key} output")
+        for a, b in zip(g, g0, strict=True):
+            if b is not None:
+                assert_close(a, b, dtype=torch.float32, what=f"{key} gradient")
+
+
+@pytest.mark.parametrize("name", ["topk", "switch", "bias"])
+def test_gradients_reach_the_router(name):
+    seed_everything(fresh_seed())
+    layer = MoELayer(D, F, _routers()[name], init_std=0.2)
+    layer(torch.randn(50, D)).square().sum().backward()
+    assert layer.router.weight.grad is not None
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_alone_trains_the_router_and_is_collected():
+    layer = MoELayer(D, F, TopKRouter(D, E, 2, aux_weight=1.0))
+    model = torch.nn.Sequential(layer, MoELayer(D, F, SwitchRouter(D, E, aux_weight=1.0)))
+    model(torch.randn(40, D))
+    total = moe_aux_loss(model)
+    assert total.item() == pytest.approx(sum(m.aux_loss.item() for m in model), rel=1e-6)
+    assert total.item() >= 2 * 0.9        # each ≈ 1 or more, near-uniform at init
+    total.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_capacity_drops_in_priority_order_and_dropped_tokens_contribute_nothing():
+    seed_everything(fresh_seed())
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    slot, keep = capacity_slots(idx, 3, cap=2)
+    # First choices fill first: expert 0 takes tokens 0, 1 and is full for token 2; expert 1
+    # takes token 3. Then second choices: expert 1 takes token 0 (slot 1) and is full for
+    # token 2; expert 0 is full for token 3.
+    assert keep.tolist() == [[True, True], [True, True], [False, False], [True, False]]
+    assert slot[:, 0].tolist() == [0, 1, 2, 0]
+    layer = MoELayer(D, F, TopKRouter(D, E, 2), dispatch="einsum", capacity_factor=0.5,
+                     init_std=0.2)
+    x = torch.randn(30, D)
+    y = layer(x)
+    assert layer.last_dropped > 0
+    # The same layer without capacity, with the dropped assignments' gates zeroed, agrees.
+    routing = layer.router(x)
+    cap = capacity(30, 2, E, 0.5)
+    _, keep = capacity_slots(routing.indices, E, cap)
+    assert 1 - keep.float().mean().item() == pytest.approx(layer.last_dropped)
+    from shared.moe.dispatch import sort_dispatch
+    ref = sort_dispatch(x, routing.gates * keep, routing.indices, layer.w_gate_up, layer.w_down)
+    assert_close(y, ref, dtype=torch.float32, what="capacity-limited output")
+
+
+def test_hash_router_is_deterministic_and_ignores_the_hidden_state():
+    ids = torch.randint(0, 256, (300,))
+    a = HashRouter(D, E)(torch.randn(300, D), ids).indices
+    b = HashRouter(D, E)(torch.randn(300, D), ids.clone()).indices
+    assert torch.equal(a, b)
+    assert torch.equal(a[ids == ids[0]], a[ids == ids[0]][:1].expand(int((ids == ids[0]).sum()), 1))
+    assert len(torch.unique(a)) == E, "256 ids over 6 experts should reach every expert"
+    layer = MoELayer(D, F, HashRouter(D, E))
+    with pytest.raises(ValueError, match="token_ids are required"):
+        layer(torch.randn(4, D))
+    model = torch.nn.Sequential(layer)
+    with token_ids(model, ids[:4].view(2, 2)):
+        model(torch.randn(2, 2, D))
+    assert layer.token_ids is None
+
+
+def test_bias_router_balances_load_without_touching_gates():
+    seed_everything(fresh_seed())
+    router = BiasBalancedRouter(D, E, 2, gamma=0.05)
+    with torch.no_grad():
+        router.weight[0] += 3.0          # expert 0 is everyone's favourite
+    x = torch.randn(400, D) + 1.0
+
+    def imbalance():
+        load = torch.bincount(router(x).indices.reshape(-1), minlength=E).float()
+        return (load.max() / load.mean()).item()
+
+    before = imbalance()
+    gates_before = router(x).gates
+    for _ in range(60):
+        router(x)
+        router.after_step()
+    assert router.bias[0] < 0
+    assert imbalance() < before - 0.5
+    assert torch.all(router(x).gates > 0) and gates_before.shape == (400, 2)
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match="k must be"):
+        TopKRouter(D, 4, k=5)
+    with pytest.raises(ValueError, match="k must be"):
+        BiasBalancedRouter(D, 2, k=3)
+    for cf in (0.0, -1.0):
+        with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+            MoELayer(D, F, SwitchRouter(D, E), dispatch="einsum", capacity_factor=cf)
+    with pytest.raises(ValueError, match="dropless"):
+        MoELayer(D, F, SwitchRouter(D, E), dispatch="sort", capacity_factor=1.0)
+    layer = MoELayer(D, F, TopKRouter(D, E, 2))
+    with pytest.raises(ValueError, match="last dimension 24"):
+        layer(torch.randn(5, D + 1))
+    with pytest.raises(ValueError, match="token_ids has 3 ids"):
+        layer(torch.randn(5, D), torch.arange(3))
+    with pytest.raises(ValueError, match="router.dim"):
+        MoELayer(D + 1, F, TopKRouter(D, E, 2))
+    with pytest.raises(ValueError, match="dispatch must be"):
+        MoELayer(D, F, TopKRouter(D, E, 2), dispatch="scatter")
+
+
+def test_mixtral_block_with_our_weights_gives_our_output():
+    seed_everything(fresh_seed())
+    layer = MoELayer(D, F, TopKRouter(D, 8, 2, renormalize=True), init_std=0.2).eval()
+    block = mixtral_block(layer)
+    x = torch.randn(3, 11, D)
+    with torch.no_grad():
+        assert_close(layer(x), block(x), dtype=torch.float32, what="ours vs Mixtral")
+    with pytest.raises(ValueError, match="renormalize"):
+        mixtral_block(MoELayer(D, F, SwitchRouter(D, 8)))
