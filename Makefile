@@ -35,7 +35,7 @@ nbval: setup
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900
 
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=labs --ServerApp.ip=127.0.0.1 --no-browser
+	$(BIN)/kclub lab
 
 run-lab: setup
 	@test -n "$(LAB)" || { echo "usage: make run-lab LAB=<slug>; labs:"; $(BIN)/kclub list; exit 2; }

@@ -58,6 +58,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+def lab_server_argv(port: int = 8888) -> list[str]:
+    """JupyterLab on labs/, on localhost only, with Jupyter's token on (its default)."""
+    from shared.paths import LABS
+
+    argv = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={LABS}",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--no-browser"]
+    if os.geteuid() == 0:  # containers often run as root; Jupyter refuses without this
+        argv.append("--allow-root")
+    return argv
+
+
+def cmd_lab(args) -> int:
+    os.execv(sys.executable, lab_server_argv(args.port))
+
+
 CHECKED = "# NBVAL_CHECK_OUTPUT"
 
 
@@ -125,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="run a lab's benchmark (all labs without a slug)")
     bench.add_argument("slug", nargs="?")
     bench.set_defaults(fn=cmd_bench)
+    lab = sub.add_parser("lab", help="serve JupyterLab on labs/ (localhost, token on)")
+    lab.add_argument("--port", type=int, default=8888)
+    lab.set_defaults(fn=cmd_lab)
     strip = sub.add_parser("strip", help="clear a lab's outputs for commit, keeping the "
                            "# NBVAL_CHECK_OUTPUT cells' outputs from its last run")
     strip.add_argument("slug")
