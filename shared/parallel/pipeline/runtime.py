@@ -101,12 +101,14 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 grad_in, weight_jobs[a.mb, a.chunk] = backward_input(out, g, inp, params)
             if s > 0:
                 comm.send(grad_in, schedule.place(s - 1)[0], comm.tag(GRADIENT, a.mb, s - 1))
-        else:  # W
+        elif a.kind == "W":
             start = time.perf_counter()
             backward_weight(weight_jobs.pop((a.mb, a.chunk)))
             del stash[a.mb, a.chunk]
             if stage.slots is not None:
                 _sleep_until(start + stage.slots.w)
+        else:
+            raise ValueError(f"rank {rank}: unknown action {a!r}")
         spans.append((a, start - t0, time.perf_counter() - t0))
     comm.flush()
     return RankRun(rank, loss_sum if rank == schedule.place(last)[0] else None, spans, peak,

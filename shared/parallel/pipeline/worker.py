@@ -10,6 +10,7 @@ reproducible at this size; a large model would build only its own layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass
 
@@ -22,9 +23,8 @@ from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import launch
 from shared.parallel.pipeline.comms import P2P
 from shared.parallel.pipeline.runtime import run_schedule
-from shared.parallel.pipeline.schedules import make_schedule
+from shared.parallel.pipeline.schedules import Action, make_schedule
 from shared.parallel.pipeline.stages import Slots, split_llama
-from shared.parallel.pipeline.torch_pp import TorchPipeline
 from shared.parallel.pipeline.validate import validate
 
 
@@ -33,6 +33,10 @@ class ModelSpec:
     config: LlamaConfig
     seq_len: int
     seed: int = 0
+
+
+DEFAULT_SPEC = ModelSpec(LlamaConfig(vocab_size=256, dim=64, n_layers=8, n_heads=4,
+                                     n_kv_heads=2, ffn_dim=128, max_seq_len=32), seq_len=32)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Job:
     slots: tuple[float, float, float] | None = None  # emulated f, b, w seconds (stages.py)
     steps: int = 1
     grads: bool = False  # return this rank's parameter gradients (first step)
-    fail_at: int | None = None  # test hook: rank 1 raises before its action #fail_at
+    fail_at: int | None = None  # fault injection: rank 1 meets an unknown action here
 
 
 def build_model(spec: ModelSpec) -> Llama:
@@ -55,9 +59,14 @@ def build_model(spec: ModelSpec) -> Llama:
 
 def make_batch(spec: ModelSpec, n_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, targets) [n_seqs, seq_len] from the shared corpus, the same on every rank."""
-    train, _ = train_val_tokens(200_000)
+    train = _corpus()
     gen = torch.Generator().manual_seed(spec.seed + n_seqs)
     return next(batches(train, n_seqs, spec.seq_len, generator=gen))
+
+
+@functools.cache
+def _corpus() -> torch.Tensor:
+    return train_val_tokens(200_000)[0]
 
 
 def reference(spec: ModelSpec, n_seqs: int) -> tuple[float, dict[str, torch.Tensor]]:
@@ -79,11 +88,13 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
     schedule = validate(make_schedule(job.schedule, p, m, chunks=job.chunks))
     if job.fail_at is not None and rank == 1:
         actions = list(schedule.ranks[1])
-        actions.insert(job.fail_at, None)  # run_schedule trips over it: a rank that fails
+        actions.insert(job.fail_at, Action("crash", 0))  # run_schedule raises on it
         schedule = type(schedule)(schedule.name, p, m, job.chunks,
                                   schedule.ranks[:1] + (tuple(actions),) + schedule.ranks[2:])
-    torch_pp = (TorchPipeline(job.schedule, rank, p, stages, m, launch.device())
-                if job.runtime == "torch" else None)
+    torch_pp = None
+    if job.runtime == "torch":  # imported on demand: torch.distributed.pipelining takes ~3 s
+        from shared.parallel.pipeline.torch_pp import TorchPipeline
+        torch_pp = TorchPipeline(job.schedule, rank, p, stages, m, launch.device())
     hidden = torch.empty(b, spec.seq_len, spec.config.dim)
     out = []
     for step in range(job.steps):
@@ -121,11 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunks", type=int, default=1)
     ap.add_argument("--runtime", default="ours", choices=("ours", "torch"))
     args = ap.parse_args(argv)
-    spec = ModelSpec(LlamaConfig(vocab_size=256, dim=64, n_layers=8, n_heads=4, n_kv_heads=2,
-                                 ffn_dim=128, max_seq_len=32), seq_len=32)
     rank, _ = launch.init_from_env()
     try:
-        (rec,) = pipeline_worker(spec, [Job(args.runtime, args.schedule, args.microbatches,
+        (rec,) = pipeline_worker(DEFAULT_SPEC, [Job(args.runtime, args.schedule, args.microbatches,
                                             args.chunks)])[0]
         if rec["loss"] is not None:
             print(f"rank {rank}: {args.runtime} {args.schedule} loss {rec['loss']:.6f} "
