@@ -1,0 +1,228 @@
+"""FlashAttention: the measurements behind the lab, and `kclub bench flash-attention`.
+
+Anywhere: HBM traffic and tl.dot FLOPs of standard vs flash attention, counted in Triton's
+interpreter (shared.iocount); the exact IO model those counts obey; the extra memory each keeps
+for the backward pass; roofline predictions on named GPUs. On a CUDA machine: forward and
+backward TFLOP/s of `flash_attention` against torch's scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from kernels.attention import BlockSizes, attention_reference, flash_attention, standard_attention
+from kernels.attention._args import padded_head_dim
+from kernels.device import INTERPRET, gpu_available
+from shared import bench, iocount, roofline
+
+# FlashAttention-1 Fig. 2 (left): GPT-2 medium attention, forward + backward, A100.
+GPT2_MEDIUM = dict(batch=64, heads=16, n=1024, d=64)
+PAPER = {"standard_gb": 40.3, "flash_gb": 4.4, "standard_ms": 41.7, "flash_ms": 7.3,
+         "fa2_a100_fraction": 0.73, "fa3_h100_tflops": 740.0}
+IMPLS = {"standard": standard_attention, "flash": flash_attention}
+
+
+@dataclass(frozen=True)
+class Counted:
+    """Traffic and dot FLOPs of one forward and one backward pass (bytes, FLOPs)."""
+
+    fwd_bytes: int
+    bwd_bytes: int
+    fwd_flops: int
+    bwd_flops: int
+
+    @property
+    def bytes(self) -> int:
+        return self.fwd_bytes + self.bwd_bytes
+
+    @property
+    def flops(self) -> int:
+        return self.fwd_flops + self.bwd_flops
+
+    def scaled(self, factor: int) -> Counted:
+        return Counted(*(factor * x for x in (self.fwd_bytes, self.bwd_bytes, self.fwd_flops,
+                                              self.bwd_flops)))
+
+
+def count(impl: str, n: int, d: int = 64, *, causal: bool = False, heads: int = 1,
+          blocks: BlockSizes | None = None, dtype=torch.float16, seed: int = 0,
+          backward: bool = True) -> Counted:
+    """Run `impl` forward (and backward) once in the interpreter and count each pass."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(1, heads, n, d, generator=g).to(dtype) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    with iocount.count() as fwd:
+        o = IMPLS[impl](q, k, v, causal=causal, block_sizes=blocks)
+    with iocount.count() as bwd:
+        if backward:
+            o.backward(do)
+    return Counted(fwd.bytes_total, bwd.bytes_total, fwd.dot_flops, bwd.dot_flops)
+
+
+def flash_io_model(n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Counted:
+    """Exact bytes and FLOPs of our flash kernels, one head, seq_q = seq_k = n, not causal.
+
+    Forward (FA1 Thm. 2): Q read once, K and V once per query block, O written once, plus L.
+    Backward: D pre-pass (read O, dO; write D); dK/dV kernel reads K, V once and Q, dO, L, D
+    once per key block; dQ kernel reads Q, dO, L, D once and K, V once per query block.
+    """
+    qb, kb = -(-n // blocks.block_m), -(-n // blocks.block_n)
+    nd, f32 = n * d * itemsize, 4 * n
+    fwd = nd + 2 * qb * nd + nd + f32
+    pre = 2 * nd + f32
+    dkdv = 2 * nd + kb * (2 * nd + 2 * f32) + 2 * nd
+    dq = 2 * nd + 2 * f32 + 2 * qb * nd + nd
+    # tl.dot FLOPs on whole tiles (padding included): 2 dots per tile pair forward; backward
+    # 4 in the dK/dV kernel (S, dV, dP, dK) and 3 in the dQ kernel (S, dP, dQ).
+    tiles = qb * blocks.block_m * kb * blocks.block_n * padded_head_dim(d)
+    return Counted(fwd, pre + dkdv + dq, 4 * tiles, 14 * tiles)
+
+
+def compulsory_bytes(n: int, d: int, itemsize: int = 2) -> int:
+    """Every input and output touched once, forward + backward (no N² term): the floor.
+
+    Forward reads Q, K, V, writes O and L; backward reads Q, K, V, O, dO, L, writes dQ, dK, dV."""
+    return (4 + 8) * n * d * itemsize + 2 * 4 * n
+
+
+def model_flops(batch: int, heads: int, n: int, d: int, causal: bool) -> tuple[float, float]:
+    """Conventional attention FLOPs (as FA2/FA3 report TFLOP/s): forward 4·N²·d per head,
+    backward 2.5× that; half of each with a causal mask."""
+    fwd = 4 * batch * heads * n * n * d / (2 if causal else 1)
+    return fwd, 2.5 * fwd
+
+
+def gpt2_medium(blocks: BlockSizes | None = None) -> dict[str, Counted]:
+    """Counts for one (batch, head) at N=1024, d=64, times batch·heads: exact, because every
+    head is one more column of programs doing the same work."""
+    p = GPT2_MEDIUM
+    return {impl: count(impl, p["n"], p["d"], blocks=blocks).scaled(p["batch"] * p["heads"])
+            for impl in IMPLS}
+
+
+def predict(c: Counted, hw: str) -> dict[str, roofline.Prediction]:
+    """Roofline time of the forward and backward pass from counted FLOPs and bytes (fp16)."""
+    return {"fwd": roofline.predict(c.fwd_flops, c.fwd_bytes, hw, "fp16"),
+            "bwd": roofline.predict(c.bwd_flops, c.bwd_bytes, hw, "fp16")}
+
+
+def extra_memory(ns=(128, 256, 512), d: int = 64, heads: int = 4) -> list[dict]:
+    """Memory beyond the inputs of the reference and of the flash kernel, fp32 forward +
+    backward, measured in a fresh process (see `memory_table`); one row per (impl, n)."""
+    code = ("import json, kernels; from shared.benchmarks.flash_attention import memory_table; "
+            f"print(json.dumps(memory_table({tuple(ns)}, {d}, {heads})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=900, check=False)
+    if out.returncode:
+        raise RuntimeError(f"memory measurement failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_table(ns, d: int, heads: int) -> list[dict]:
+    """Two measurements per run (Linux + glibc; run it in its own process):
+
+    - saved_bytes: what autograd keeps between forward and backward (saved-tensor hooks),
+      not counting the inputs, which any implementation keeps;
+    - peak_bytes: growth of the peak resident set during forward + backward (VmHWM, reset
+      through /proc/self/clear_refs). glibc is told to mmap every block >= 128 KiB and
+      unmap it on free, so freed tensors leave the resident set instead of being cached.
+    """
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD, fixed
+    fns = {"reference": attention_reference, "flash": flash_attention}
+    for fn in fns.values():
+        _forward_backward(fn, 64, d, heads)            # warm-up: caches, first launches
+    rows = []
+    for n in ns:
+        for impl, fn in fns.items():
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                            # VmHWM := VmRSS
+            before = _rss_kb("VmRSS")
+            saved = _forward_backward(fn, n, d, heads)
+            rows.append({"impl": impl, "n": n, "saved_bytes": saved,
+                         "peak_bytes": 1024 * (_rss_kb("VmHWM") - before)})
+    return rows
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _forward_backward(fn, n: int, d: int, heads: int) -> int:
+    """fp32 forward + backward on fresh inputs; returns the non-input bytes autograd saved."""
+    q, k, v, do = (torch.randn(1, heads, n, d) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    inputs = {x.data_ptr() for x in (q, k, v)}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        o = fn(q, k, v)
+    o.backward(do)
+    return sum(saved)
+
+
+def gpu_table(ns=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128)) -> list[dict]:
+    """FA2's benchmark setting on a CUDA GPU: batch·N = 16k tokens, heads·d = 2048, fp16;
+    forward and backward TFLOP/s (conventional FLOPs) of ours and of torch SDPA."""
+    return [_gpu_row(n, d, causal) for d in dims for causal in (False, True) for n in ns]
+
+
+def _gpu_row(n: int, d: int, causal: bool) -> dict:
+    import torch.nn.functional as F
+
+    b, h = max(1, 16384 // n), 2048 // d
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    fwd_flops, bwd_flops = model_flops(b, h, n, d, causal)
+    impls = {"ours": lambda: flash_attention(q, k, v, causal=causal),
+             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
+    row = {"d": d, "causal": causal, "n": n, "batch": b, "heads": h}
+    for name, f in impls.items():
+        fwd = bench.measure(f).median_s
+        both = bench.measure(lambda f=f: f().backward(do)).median_s
+        row[f"{name} fwd TFLOP/s"] = fwd_flops / fwd / 1e12
+        row[f"{name} bwd TFLOP/s"] = bwd_flops / max(both - fwd, 1e-9) / 1e12
+    return row
+
+
+def main() -> int:
+    if INTERPRET:
+        print("HBM traffic, counted in Triton's interpreter (fp16, one head, fwd + bwd)")
+        for n in (256, 512, 1024):
+            c = {impl: count(impl, n) for impl in IMPLS}
+            print(f"  N={n:5d}: standard {c['standard'].bytes / 1e6:7.2f} MB, "
+                  f"flash {c['flash'].bytes / 1e6:6.2f} MB, "
+                  f"ratio {c['standard'].bytes / c['flash'].bytes:.1f}x")
+        gpt = gpt2_medium()
+        print("GPT-2 medium attention (N=1024, d=64, 16 heads, batch 64), fwd + bwd:")
+        for impl, key in (("standard", "standard_gb"), ("flash", "flash_gb")):
+            print(f"  {impl:8s} counted {gpt[impl].bytes / 1e9:6.1f} GB "
+                  f"(paper, measured on A100: {PAPER[key]} GB)")
+        for hw in ("A100 80GB", "H100 SXM"):
+            pred = predict(gpt["flash"], hw)
+            total = pred["fwd"].time_s + pred["bwd"].time_s
+            print(f"  {hw}: predicted flash fwd {pred['fwd'].time_s * 1e3:.2f} ms "
+                  f"({pred['fwd'].bound} bound) + bwd {pred['bwd'].time_s * 1e3:.2f} ms "
+                  f"({pred['bwd'].bound} bound) = {total * 1e3:.2f} ms (roofline prediction; "
+                  f"FA1 measured {PAPER['flash_ms']} ms on A100)")
+    if gpu_available() and not INTERPRET:
+        print("TFLOP/s (fp16, conventional FLOPs, do_bench): ours vs torch SDPA")
+        for row in gpu_table():
+            print(row)
+    return 0
