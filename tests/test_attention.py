@@ -213,3 +213,11 @@ def test_causal_skips_blocks_and_standard_moves_more():
     # standard attention writes S, P, dP, dS (4 N² values, fp16) and more besides
     assert counts["standard"].bytes_stored >= 4 * 128 * 128 * 2
     assert counts["standard"].bytes_total > 2 * counts["flash"].bytes_total
+
+
+def test_forward_and_backward_traffic_match_the_io_model():
+    """Every byte and FLOP of forward + backward, as shared.benchmarks' model predicts."""
+    from shared.benchmarks.flash_attention import count, flash_io_model
+
+    for n, d, blocks in ((100, 40, BlockSizes(32, 16)), (130, 64, BlockSizes(64, 64))):
+        assert count("flash", n, d, blocks=blocks) == flash_io_model(n, d, blocks)
