@@ -1,7 +1,7 @@
 """The roofline model: what a kernel's counted FLOPs and bytes predict on named hardware.
 
 time ≥ max(FLOPs / peak FLOP/s, bytes / memory bandwidth). Peaks are the vendors' dense
-(no-sparsity) datasheet numbers; the CPU row is measured on this machine, once per build/.
+(no-sparsity) datasheet numbers; "this CPU" is measured on this machine, once per build/.
 Everything this module returns is a prediction, and labs must say so when they print it.
 """
 
@@ -51,6 +51,17 @@ HARDWARE: dict[str, Hardware] = {
 }
 
 
+def hardware(hw: Hardware | str) -> Hardware:
+    """A Hardware row by name: the datasheet rows in HARDWARE, or "this CPU" (measured)."""
+    if isinstance(hw, Hardware):
+        return hw
+    if hw == "this CPU":
+        return this_cpu()
+    if hw not in HARDWARE:
+        raise ValueError(f"hw must be one of {[*HARDWARE, 'this CPU']}, got {hw!r}")
+    return HARDWARE[hw]
+
+
 @dataclass(frozen=True)
 class Prediction:
     time_s: float
@@ -71,7 +82,7 @@ class Prediction:
 def predict(flops: float, bytes_moved: float, hw: Hardware | str, dtype: str = "fp16"
             ) -> Prediction:
     """Roofline lower bound on time for `flops` of math and `bytes_moved` of HBM traffic."""
-    hw = HARDWARE[hw] if isinstance(hw, str) else hw
+    hw = hardware(hw)
     if flops < 0 or bytes_moved < 0:
         raise ValueError(f"flops and bytes_moved must be >= 0, got {flops=} {bytes_moved=}")
     compute = flops / hw.peak(dtype)
@@ -120,7 +131,7 @@ def plot_roofline(ax, hws: list[Hardware | str], points: list[tuple[str, float, 
     A point sits on the lowest roof it would reach: attainable = min(peak, intensity × bw)."""
     import numpy as np
 
-    hws = [HARDWARE[h] if isinstance(h, str) else h for h in hws]
+    hws = [hardware(h) for h in hws]
     intensities = [f / b for _, f, b in points if b > 0] or [1.0]
     lo = min(min(intensities), min(h.ridge(dtype) for h in hws)) / 4
     hi = max(max(intensities), max(h.ridge(dtype) for h in hws)) * 4

@@ -83,6 +83,9 @@ def test_this_cpu_measured(tmp_path, monkeypatch):
     cpu = roofline.this_cpu()
     assert cpu.peak("fp32") > 1e8 and cpu.mem_bw > 1e8
     assert roofline.this_cpu() == cpu  # cached
+    assert roofline.predict(1e9, 1e9, "this CPU", "fp32").hardware == "this CPU"
+    with pytest.raises(ValueError, match="hw must be one of"):
+        roofline.hardware("B200")
 
 
 def test_claims_roundtrip(tmp_path, monkeypatch):
