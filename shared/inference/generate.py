@@ -1,0 +1,83 @@
+"""Autoregressive decoding with the KV cache: one target forward per new token.
+
+The baseline speculative decoding is measured against, and the token-for-token reference its
+greedy output must equal. Sampling goes through kernels/sampling (Gumbel-max); see `ops()` for
+which implementation runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.device import INTERPRET
+from kernels.sampling import (
+    gumbel_sample,
+    gumbel_sample_reference,
+    speculative_accept,
+    speculative_accept_reference,
+)
+from shared.inference.kv_cache import KVCache
+from shared.models.llama import Llama
+
+
+def ops(impl: str | None = None):
+    """(sample, accept) functions: "triton" or "reference". By default Triton on a GPU and the
+    torch reference under Triton's interpreter, whose ~1 ms of Python per program instance
+    would otherwise be what decoding timings measure; tests prove both return the same tokens.
+    """
+    impl = impl or ("reference" if INTERPRET else "triton")
+    if impl == "triton":
+        return gumbel_sample, speculative_accept
+    if impl == "reference":
+        return gumbel_sample_reference, speculative_accept_reference
+    raise ValueError(f"impl must be 'triton' or 'reference', got {impl!r}")
+
+
+def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The distribution decoding samples from: softmax(logits / T), one-hot argmax at T = 0."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def check_prompt(model: Llama, prompt: torch.Tensor, n_new: int, extra: int = 0) -> None:
+    if prompt.ndim != 2 or prompt.dtype != torch.long or prompt.shape[1] < 2:
+        raise ValueError(f"prompt must be int64 [B, P] with P >= 2, got {prompt.dtype} "
+                         f"{tuple(prompt.shape)}")
+    if n_new <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {n_new}")
+    need = prompt.shape[1] + n_new + extra
+    if need > model.config.max_seq_len:
+        raise ValueError(f"prompt ({prompt.shape[1]}) + new tokens ({n_new}) + lookahead "
+                         f"({extra}) exceed max_seq_len={model.config.max_seq_len}")
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [B, max_new_tokens] new tokens only
+    target_calls: int  # target forwards, the prefill included
+    draft_calls: int = 0
+
+
+@torch.no_grad()
+def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *,
+             temperature: float = 0.0, generator: torch.Generator | None = None,
+             impl: str | None = None) -> Generation:
+    """prompt int64 [B, P] -> B continuations of max_new_tokens tokens, one forward each."""
+    check_prompt(model, prompt, max_new_tokens)
+    sample, _ = ops(impl)
+    cache = KVCache(model.config, prompt.shape[0], dtype=model.lm_head.weight.dtype,
+                    device=prompt.device)
+    logits = model(prompt, cache=cache)[:, -1]  # prefill: [B, V]
+    cache.advance(prompt.shape[1])
+    out = []
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature=temperature, generator=generator)  # [B]
+        out.append(token)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(token[:, None], cache=cache)[:, -1]
+        cache.advance(1)
+    return Generation(torch.stack(out, 1), target_calls=max_new_tokens)

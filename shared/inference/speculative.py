@@ -1,0 +1,162 @@
+"""Speculative decoding (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023, Algorithm 2).
+
+Each round, per sequence of the batch:
+  1. the drafter proposes γ tokens x_1..x_γ ~ q autoregressively (γ cheap forwards);
+  2. the target scores [last, x_1..x_γ] in ONE forward: p_1..p_{γ+1};
+  3. speculative_accept keeps x_i while u_i < p_i(x_i)/q_i(x_i), and adds one token drawn from
+     norm(max(0, p − q)) at the first rejection (or from p_{γ+1} if none): n + 1 tokens, n ≤ γ.
+  4. both KV caches roll back to the kept prefix (their own length per sequence).
+The drafter is a separate small model, or the target's own first k blocks + its head
+(LayerSkip self-speculation, Elhoushi et al. 2024, §5): ``Drafter(target, n_layers=k)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from shared.inference.generate import Generation, check_prompt, ops, probs
+from shared.inference.kv_cache import KVCache
+from shared.models.llama import Llama
+
+
+@dataclass(frozen=True)
+class Drafter:
+    """A model that drafts: `model` run through its first `n_layers` blocks (None: all)."""
+
+    model: Llama
+    n_layers: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.n_layers is None:
+            return f"draft model ({self.model.config.n_layers} layers)"
+        return f"self-draft (first {self.n_layers} of {self.model.config.n_layers} layers)"
+
+
+@dataclass
+class SpecGeneration(Generation):
+    gamma: int = 0
+    accepted: list[torch.Tensor] = field(default_factory=list)  # per round: n accepted [B]
+    overlap: list[torch.Tensor] = field(default_factory=list)  # per round: Σ min(p_i,q_i) [B, γ]
+    active: list[torch.Tensor] = field(default_factory=list)  # per round: still generating [B]
+
+    def acceptance(self) -> tuple[float, float]:
+        """(measured α, predicted α): accepted / tried drafts, and the mean of the expected
+        acceptance β_i = Σ_v min(p_i(v), q_i(v)) (paper §3.1) over the same tried drafts.
+        A draft is tried if every draft before it in its round was accepted."""
+        n = torch.stack(self.accepted)  # [R, B]
+        act = torch.stack(self.active)  # [R, B]
+        beta = torch.stack(self.overlap)  # [R, B, γ]
+        idx = torch.arange(self.gamma)
+        tried = (idx <= n[..., None]) & act[..., None]  # [R, B, γ]
+        accepted = (idx < n[..., None]) & act[..., None]
+        return (accepted.sum() / tried.sum()).item(), beta[tried].mean().item()
+
+    def acceptance_by_position(self) -> torch.Tensor:
+        """P(draft i accepted | drafts before it accepted), i = 1..γ: [γ]."""
+        n = torch.stack(self.accepted)[torch.stack(self.active)]  # [rounds × active B]
+        idx = torch.arange(self.gamma)
+        return (n[:, None] > idx).sum(0) / (n[:, None] >= idx).sum(0).clamp(min=1)
+
+    def tokens_per_call(self) -> float:
+        """New tokens per target forward, the prefill not counted (paper's E[#tokens])."""
+        n = torch.stack(self.accepted)[torch.stack(self.active)]
+        return (n + 1).float().mean().item()
+
+
+@torch.no_grad()
+def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
+                         max_new_tokens: int, *, gamma: int, temperature: float = 0.0,
+                         generator: torch.Generator | None = None, impl: str | None = None,
+                         accept=None) -> SpecGeneration:
+    """prompt int64 [B, P] -> SpecGeneration with tokens [B, max_new_tokens].
+
+    ``accept`` overrides the acceptance rule (same signature as speculative_accept): the tests
+    plug a wrong rule in to show the distribution test catches it. Inputs to the rule are
+    built here from softmaxes, so its (host-synchronising) input checks are skipped.
+    """
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+    check_prompt(target, prompt, max_new_tokens, extra=gamma + 1)
+    sample, default_accept = ops(impl)
+    accept = accept or default_accept
+    dmodel, k = drafter.model, drafter.n_layers
+    B, P = prompt.shape
+    dtype, device = target.lm_head.weight.dtype, prompt.device
+    tcache = KVCache(target.config, B, dtype=dtype, device=device)
+    dcache = KVCache(dmodel.config, B, n_layers=k, dtype=dtype, device=device)
+    rows = torch.arange(B, device=device)
+
+    # Prefill the caches on all but the prompt's last token: the first round then scores
+    # p(· | prompt) itself, so every new token, the first included, passes the rule.
+    target(prompt[:, :-1], cache=tcache)
+    tcache.advance(P - 1)
+    if P > 2:
+        dmodel(prompt[:, :-2], cache=dcache, n_layers=k)
+    out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
+    count = torch.zeros(B, dtype=torch.long, device=device)  # new tokens so far
+    prev = prompt[:, -2]  # token before `last`: the draft cache may lack it (see step 1)
+    last = prompt[:, -1]  # newest token: in neither cache yet
+    result = SpecGeneration(tokens=out, target_calls=1, draft_calls=int(P > 2), gamma=gamma)
+    while bool((count < max_new_tokens).any()):
+        active = count < max_new_tokens
+        # 1. Draft γ tokens. The first step re-feeds `prev`: after a round where all γ drafts
+        #    were accepted, the drafter never saw x_γ; rewriting a cached entry is harmless.
+        # Finished sequences ride along (their outputs are dropped); park them at position 1
+        # so their wasted work never runs past max_seq_len.
+        start = torch.where(active, tcache.lengths, 1)  # position of `last`, per sequence
+        tcache.set_lengths(start)
+        dcache.set_lengths(start - 1)
+        x_in = torch.stack([prev, last], 1)  # [B, 2]
+        drafts, q = [], []
+        for _ in range(gamma):
+            logits = dmodel(x_in, cache=dcache, n_layers=k)[:, -1]  # [B, V]
+            dcache.advance(x_in.shape[1])
+            q.append(probs(logits, temperature))
+            drafts.append(sample(logits, temperature=temperature, generator=generator))
+            x_in = drafts[-1][:, None]
+        drafts_t, q_t = torch.stack(drafts, 1), torch.stack(q, 1)  # [B, γ], [B, γ, V]
+        # 2. The target scores last + γ drafts in one forward: p_1..p_{γ+1}.
+        tokens = torch.cat([last[:, None], drafts_t], 1)  # [B, γ+1]
+        p_t = probs(target(tokens, cache=tcache), temperature)  # [B, γ+1, V]
+        # 3. The rule (Alg. 1): n accepted drafts + one token from the residual or p_{γ+1}.
+        n, nxt = accept(drafts_t, q_t, p_t, generator=generator, check_inputs=False)
+        result.accepted.append(n)
+        result.active.append(active)
+        result.overlap.append(torch.minimum(p_t[:, :gamma], q_t).sum(-1))
+        # 4. Keep x_1..x_n and the new token; roll the target cache back to last + x_1..x_n.
+        j = torch.arange(gamma + 1, device=device)
+        new = torch.where(j < n[:, None], torch.cat([drafts_t, drafts_t[:, :1]], 1),
+                          nxt[:, None])  # [B, γ+1]: x_1..x_n, next, (ignored)
+        keep = (j <= n[:, None]) & active[:, None]
+        out[rows[:, None].expand_as(keep)[keep], (count[:, None] + j)[keep]] = new[keep]
+        count = count + torch.where(active, n + 1, 0)
+        tcache.set_lengths(start + torch.where(active, n + 1, 0))
+        prev = torch.where(active, torch.where(n > 0, drafts_t[rows, (n - 1).clamp(min=0)],
+                                               last), prev)
+        last = torch.where(active, nxt, last)
+        result.target_calls += 1
+        result.draft_calls += gamma
+    result.tokens = out[:, :max_new_tokens]
+    return result
+
+
+def accept_if_p_ge_q(draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
+                     target_probs: torch.Tensor, *, generator: torch.Generator | None = None,
+                     check_inputs: bool = False):
+    """A deliberately WRONG rule, kept to show that the distribution tests can fail: accept x
+    iff p(x) >= q(x), deterministically. Tokens the drafter over-proposes are then never
+    emitted through acceptance, so the output is not distributed as p."""
+    B, gamma = draft_tokens.shape
+    x = draft_tokens.long()[..., None]
+    p = target_probs[:, :gamma].gather(2, x)[..., 0]
+    q = draft_probs.gather(2, x)[..., 0]
+    idx = torch.arange(gamma, device=x.device)
+    n = torch.where(p >= q, gamma, idx).amin(1)
+    rows = torch.arange(B, device=x.device)
+    q_n = torch.where((n < gamma)[:, None], draft_probs[rows, n.clamp(max=gamma - 1)], 0.0)
+    residual = (target_probs[rows, n] - q_n).clamp(min=0)
+    residual = torch.where(residual.sum(1, keepdim=True) > 0, residual, target_probs[rows, n])
+    return n, torch.multinomial(residual, 1, generator=generator)[:, 0]

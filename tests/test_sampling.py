@@ -1,0 +1,170 @@
+"""The sampling kernels: Triton == reference on the same random draws, the right distributions
+(χ² at fixed seeds, strong enough to reject a wrong acceptance rule), and clear input errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.sampling import (
+    gumbel_sample,
+    gumbel_sample_reference,
+    speculative_accept,
+    speculative_accept_reference,
+)
+from shared.check import fresh_seed
+from shared.inference.speculative import accept_if_p_ge_q
+from shared.inference.stats import chi_square
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_case(B, gamma, V, seed, dtype=torch.float32, sharp=2.0):
+    """Draft/target distributions, and drafts x_i ~ q_i."""
+    g = gen(seed)
+    q = torch.softmax(sharp * torch.randn(B, gamma, V, generator=g), -1)
+    p = torch.softmax(sharp * torch.randn(B, gamma + 1, V, generator=g), -1)
+    mix = torch.rand(B, gamma + 1, 1, generator=g)  # some rows close to q: long accepted runs
+    p[:, :gamma] = mix[:, :gamma] * q + (1 - mix[:, :gamma]) * p[:, :gamma]
+    x = torch.multinomial(q.reshape(-1, V), 1, generator=g).reshape(B, gamma)
+    return x, q.to(dtype), p.to(dtype)
+
+
+@settings(max_examples=8)
+@given(B=st.integers(1, 5), V=st.sampled_from([1, 7, 257, 4099]),
+       temperature=st.sampled_from([0.0, 0.3, 1.0, 2.5]),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_gumbel_sample_matches_reference(B, V, temperature, dtype):
+    seed = fresh_seed()
+    logits = (3 * torch.randn(B, V, generator=gen(seed))).to(dtype)
+    out = gumbel_sample(logits, temperature=temperature, generator=gen(seed + 1))
+    ref = gumbel_sample_reference(logits.double(), temperature=temperature,
+                                  generator=gen(seed + 1))
+    assert out.dtype == torch.int64 and out.shape == (B,)
+    assert torch.equal(out, ref), (seed, out, ref)
+
+
+def test_greedy_is_first_argmax_across_tiles():
+    logits = torch.zeros(3, 5000)
+    logits[0, [10, 4500]] = 2.0  # tie across two tiles: the first wins, as torch.argmax
+    logits[1, 4098] = 1.0  # max in the ragged last tile
+    logits[2] = -1.0  # all equal: index 0
+    out = gumbel_sample(logits, temperature=0.0)
+    assert out.tolist() == [10, 4098, 0] == logits.argmax(-1).tolist()
+
+
+def test_gumbel_sample_distribution():
+    """600 draws (Triton), 40000 (reference, the same function of the draws) against softmax."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
+    for T, fn, n in [(1.0, gumbel_sample, 600), (0.5, gumbel_sample_reference, 40000)]:
+        draws = fn(logits.expand(n, -1), temperature=T, generator=gen(1234))
+        _, _, pval = chi_square(torch.bincount(draws, minlength=8), torch.softmax(logits / T, 0))
+        assert pval > 1e-3, (T, pval)
+        # the test has power: the untempered distribution is rejected
+        if T != 1.0:
+            _, _, bad = chi_square(torch.bincount(draws, minlength=8), torch.softmax(logits, 0))
+            assert bad < 1e-9
+
+
+@settings(max_examples=6)
+@given(B=st.integers(1, 3), gamma=st.integers(1, 6), V=st.sampled_from([2, 33, 300, 4500]),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_speculative_accept_matches_reference(B, gamma, V, dtype):
+    seed = fresh_seed()
+    x, q, p = random_case(B, gamma, V, seed, dtype)
+    n, nxt = speculative_accept(x, q, p, generator=gen(seed + 1))
+    n_ref, nxt_ref = speculative_accept_reference(x, q.double(), p.double(),
+                                                  generator=gen(seed + 1))
+    assert n.dtype == nxt.dtype == torch.int64
+    assert torch.equal(n, n_ref) and torch.equal(nxt, nxt_ref), (seed, n, n_ref, nxt, nxt_ref)
+    assert ((0 <= n) & (n <= gamma)).all() and ((0 <= nxt) & (nxt < V)).all()
+
+
+def test_accept_all_when_draft_equals_target_and_none_when_disjoint():
+    B, gamma, V = 4, 3, 50
+    x, q, p = random_case(B, gamma, V, 0)
+    p[:, :gamma] = q  # p = q: min(1, p/q) = 1
+    n, nxt = speculative_accept(x, q, p, generator=gen(1))
+    assert (n == gamma).all()
+    assert torch.equal(nxt, speculative_accept_reference(x, q, p, generator=gen(1))[1])
+    # target gives the drafted token probability 0: rejected at once, resampled elsewhere
+    p0 = p.clone()
+    p0[:, 0] = torch.softmax(torch.randn(B, V), -1)
+    p0[torch.arange(B), 0, x[:, 0]] = 0
+    p0[:, 0] /= p0[:, 0].sum(-1, keepdim=True)
+    n, nxt = speculative_accept(x, q, p0, generator=gen(2))
+    assert (n == 0).all() and (nxt != x[:, 0]).all()
+
+
+def test_greedy_rule_on_one_hot_distributions():
+    """At temperature 0 p, q are one-hot: accept while the target's argmax equals the draft."""
+    V = 20
+    drafts = torch.tensor([[3, 4, 5, 6], [1, 1, 1, 1]])
+    target_argmax = torch.tensor([[3, 4, 9, 6, 7], [1, 1, 1, 1, 2]])
+    q = torch.nn.functional.one_hot(drafts, V).float()
+    p = torch.nn.functional.one_hot(target_argmax, V).float()
+    n, nxt = speculative_accept(drafts, q, p, generator=gen(0))
+    assert n.tolist() == [2, 4] and nxt.tolist() == [9, 2]
+
+
+def first_token_counts(accept, x, q, p, seed):
+    n, nxt = accept(x, q, p, generator=gen(seed))
+    first = torch.where(n > 0, x[:, 0], nxt)  # the first token the round emits
+    return torch.bincount(first, minlength=q.shape[-1])
+
+
+def test_accept_output_is_target_distributed_and_wrong_rule_is_caught():
+    """One fixed (p, q) pair repeated N times: the first emitted token must follow p."""
+    V, gamma = 10, 2
+    g = gen(7)
+    q1 = torch.softmax(1.5 * torch.randn(V, generator=g), 0)
+    p1 = torch.softmax(1.5 * torch.randn(V, generator=g), 0)
+
+    def batch(n):
+        q = q1.expand(n, gamma, V).contiguous()
+        p = p1.expand(n, gamma + 1, V).contiguous()
+        x = torch.multinomial(q1, n * gamma, replacement=True, generator=gen(8)).reshape(n, gamma)
+        return x, q, p
+
+    for accept, n in [(speculative_accept, 600), (speculative_accept_reference, 40000)]:
+        counts = first_token_counts(accept, *batch(n), seed=9)
+        _, _, pval = chi_square(counts, p1)
+        assert pval > 1e-3, (accept.__name__, pval)
+    _, _, pval_wrong = chi_square(first_token_counts(accept_if_p_ge_q, *batch(2000), 9), p1)
+    assert pval_wrong < 1e-6, pval_wrong
+
+
+def test_bad_inputs_are_named():
+    x, q, p = random_case(2, 3, 11, 0)
+    cases = [
+        ((x[:, :2], q, p), "draft_probs"),
+        ((x, q, p[:, :3]), "target_probs"),
+        ((x, q[..., :10], p), "target_probs"),
+        ((x + 11, q, p), "draft_tokens"),
+        ((x.float(), q, p), "draft_tokens"),
+        ((x, q * 2, p), "draft_probs"),
+        ((x, q, -p), "target_probs"),
+        ((x, q, p * float("nan")), "target_probs"),
+        ((x, q.int(), p), "draft_probs"),
+        ((x[0], q, p), "draft_tokens"),
+    ]
+    for fn in (speculative_accept, speculative_accept_reference):
+        for args, name in cases:
+            with pytest.raises((ValueError, TypeError), match=name):
+                fn(*args)
+    q0 = q.clone()
+    q0[0, 0] = 0
+    q0[0, 0, (x[0, 0] + 1) % 11] = 1
+    with pytest.raises(ValueError, match="probability 0"):
+        speculative_accept(x, q0, p)
+    for fn in (gumbel_sample, gumbel_sample_reference):
+        with pytest.raises(ValueError, match="temperature"):
+            fn(torch.randn(2, 5), temperature=-1.0)
+        with pytest.raises(ValueError, match="temperature"):
+            fn(torch.randn(2, 5), temperature=float("nan"))
+        with pytest.raises(ValueError, match="logits"):
+            fn(torch.randn(5))
+        with pytest.raises(TypeError, match="logits"):
+            fn(torch.randn(2, 5).long())
