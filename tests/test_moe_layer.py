@@ -13,6 +13,7 @@ from shared.moe import (
     capacity,
     capacity_slots,
     moe_aux_loss,
+    sort_dispatch,
     token_ids,
 )
 from shared.moe.hf_mixtral import mixtral_block
@@ -83,16 +84,24 @@ def test_capacity_drops_in_priority_order_and_dropped_tokens_contribute_nothing(
     assert slot[:, 0].tolist() == [0, 1, 2, 0]
     layer = MoELayer(D, F, TopKRouter(D, E, 2), dispatch="einsum", capacity_factor=0.5,
                      init_std=0.2)
-    x = torch.randn(30, D)
-    y = layer(x)
-    assert layer.last_dropped > 0
-    # The same layer without capacity, with the dropped assignments' gates zeroed, agrees.
+    x = torch.randn(30, D, requires_grad=True)
+    y, grads = _grads(layer, x, None)
+    dropped = layer.last_dropped
+    assert dropped > 0
     routing = layer.router(x)
-    cap = capacity(30, 2, E, 0.5)
-    _, keep = capacity_slots(routing.indices, E, cap)
-    assert 1 - keep.float().mean().item() == pytest.approx(layer.last_dropped)
-    from shared.moe.dispatch import sort_dispatch
-    ref = sort_dispatch(x, routing.gates * keep, routing.indices, layer.w_gate_up, layer.w_down)
+    _, keep = capacity_slots(routing.indices, E, capacity(30, 2, E, 0.5))
+    assert 1 - keep.float().mean().item() == pytest.approx(dropped)
+    # The sort dispatch applies the same rule (dropped rows sort past the groups, stay zero) ...
+    for backend in ("torch", "triton"):
+        layer.dispatch, layer.backend = "sort", backend
+        y2, grads2 = _grads(layer, x, None)
+        assert layer.last_dropped == pytest.approx(dropped)
+        assert_close(y2, y, dtype=torch.float32, what=f"sort ({backend}) with capacity")
+        for a, b in zip(grads2, grads, strict=True):
+            assert_close(a, b, dtype=torch.float32, what=f"sort ({backend}) gradient")
+    # ... which is the dropless layer with the dropped assignments' gates set to zero.
+    ref, _ = sort_dispatch(x, routing.gates * keep, routing.indices, layer.w_gate_up,
+                           layer.w_down)
     assert_close(y, ref, dtype=torch.float32, what="capacity-limited output")
 
 
@@ -141,8 +150,8 @@ def test_bad_input_is_rejected_with_a_clear_message():
     for cf in (0.0, -1.0):
         with pytest.raises(ValueError, match="capacity_factor must be > 0"):
             MoELayer(D, F, SwitchRouter(D, E), dispatch="einsum", capacity_factor=cf)
-    with pytest.raises(ValueError, match="dropless"):
-        MoELayer(D, F, SwitchRouter(D, E), dispatch="sort", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        MoELayer(D, F, SwitchRouter(D, E), dispatch="sort", capacity_factor=0.0)
     layer = MoELayer(D, F, TopKRouter(D, E, 2))
     with pytest.raises(ValueError, match="last dimension 24"):
         layer(torch.randn(5, D + 1))

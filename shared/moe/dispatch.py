@@ -10,7 +10,10 @@ then second choices, each in token order); an assignment that finds its expert f
 dense [T, E, C] one-hot tensors contracted by einsum: O(T·E·C·D) FLOPs of moving data.
 
 sort (MegaBlocks §5): sort the T·k assignments by expert, run one grouped matmul over the
-ragged groups, un-sort with the gates. Nothing is padded and nothing is dropped.
+ragged groups, un-sort with the gates. Nothing is padded and nothing is dropped. Given a
+capacity factor it applies the same dropping rule as einsum, for comparison (and speed on a
+CPU): dropped assignments sort into a last bucket past Σ group_sizes, which the grouped matmul
+leaves at zero (ragged_dot's contract), so they cost no expert FLOPs and contribute nothing.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ def einsum_dispatch(x, gates, indices, w_gate_up, w_down, capacity_factor):
     return torch.einsum("tec,ecd->td", combine, out), keep
 
 
-def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch"):
-    """MegaBlocks dropless dispatch: permute, grouped SwiGLU, gated unpermute. y [T, D].
+def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch",
+                  capacity_factor: float | None = None):
+    """MegaBlocks dispatch: permute, grouped SwiGLU, gated unpermute. (y [T, D], keep [T, k]).
+
+    capacity_factor None: dropless (keep is all True).
 
     backend "triton": the Triton kernels (the GPU path; the interpreter on a CPU);
     backend "torch": torch index ops and torch's grouped GEMM (the sensible CPU path).
@@ -86,11 +92,17 @@ def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch"):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     E = w_gate_up.shape[0]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    if capacity_factor is not None:
+        T, k = indices.shape
+        _, keep = capacity_slots(indices, E, capacity(T, k, E, capacity_factor))
     if backend == "triton":
         perm, gmm, unperm = permute, grouped_matmul, unpermute
     else:
         perm, gmm, unperm = permute_reference, grouped_matmul_torch, unpermute_reference
-    xs, group_sizes, positions = perm(x, indices, E)                 # [T·k, D] by expert
+    # bucket E holds the dropped assignments: sorted last, past Σ group_sizes[:E]
+    xs, group_sizes, positions = perm(x, torch.where(keep, indices, E), E + 1)  # [T·k, D]
+    group_sizes = group_sizes[:E]
     gate, up = gmm(xs, w_gate_up, group_sizes).chunk(2, dim=-1)      # [T·k, F] each
-    ys = gmm((F.silu(gate) * up).contiguous(), w_down, group_sizes)  # [T·k, D]
-    return unperm(ys, positions, gates)
+    ys = gmm((F.silu(gate) * up).contiguous(), w_down, group_sizes)  # [T·k, D], dropped = 0
+    return unperm(ys, positions, gates), keep

@@ -3,7 +3,7 @@
 Drop-in for the tiny Llama's MLP (`Llama(config, ffn_factory=moe_factory(...))`). After each
 forward the layer keeps what the lab measures: `aux_loss` (add it to the training loss; sum
 over layers with `moe_aux_loss(model)`), `last_load` (assignments per expert) and
-`last_dropped` (share of assignments dropped for lack of capacity).
+`last_dropped` (share of assignments dropped for lack of capacity) and `last_indices` [T, k].
 
 Hash routing needs token ids the Llama blocks do not pass along: set them for one forward with
 `with token_ids(model, tokens): model(tokens)`.
@@ -32,8 +32,6 @@ class MoELayer(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if capacity_factor is not None:
-            if dispatch == "sort":
-                raise ValueError("capacity_factor applies to dispatch='einsum'; 'sort' is dropless")
             capacity(1, 1, 1, capacity_factor)   # validates: must be > 0
         if router.dim != dim:
             raise ValueError(f"router.dim={router.dim} does not match dim={dim}")
@@ -46,6 +44,7 @@ class MoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.randn(E, ffn_dim, dim) * init_std)
         self.token_ids: torch.Tensor | None = None
         self.aux_loss = torch.zeros(())
+        self.last_indices: torch.Tensor | None = None
         self.last_load = torch.zeros(E)
         self.last_dropped = 0.0
 
@@ -62,13 +61,13 @@ class MoELayer(nn.Module):
         if self.dispatch == "einsum":
             y, keep = einsum_dispatch(flat, routing.gates, routing.indices, self.w_gate_up,
                                       self.w_down, self.capacity_factor)
-            self.last_dropped = 1.0 - keep.float().mean().item()
         else:
-            y = sort_dispatch(flat, routing.gates, routing.indices, self.w_gate_up, self.w_down,
-                              self.backend)
-            self.last_dropped = 0.0
+            y, keep = sort_dispatch(flat, routing.gates, routing.indices, self.w_gate_up,
+                                    self.w_down, self.backend, self.capacity_factor)
+        self.last_dropped = 1.0 - keep.float().mean().item()
         self.aux_loss = routing.aux_loss
-        self.last_load = torch.bincount(routing.indices.reshape(-1).detach().cpu(),
+        self.last_indices = routing.indices.detach()
+        self.last_load = torch.bincount(self.last_indices.reshape(-1).cpu(),
                                         minlength=self.num_experts)
         return y.view(x.shape)
 
