@@ -16,7 +16,7 @@ from shared.check import assert_close, rel_error, tolerance
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import launch
 from shared.parallel.pipeline import make_schedule
-from shared.parallel.pipeline.backward import backward_input, backward_weight
+from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
 from shared.parallel.pipeline.stages import layer_ranges, split_llama
 from shared.parallel.pipeline.worker import Job, ModelSpec, pipeline_worker, reference
 
@@ -80,7 +80,8 @@ def test_split_backward_matches_autograd(n_stages, batch, seq):
     for stage, inp, out in reversed(list(zip(stages, inputs, outputs, strict=True))):
         if inp.is_leaf:
             ref_in = torch.autograd.grad(out, inp, g, retain_graph=True)[0]
-        g, job = backward_input(out, g, inp, list(stage.parameters()))
+        job = split_plan(out, inp, list(stage.parameters()))
+        g = backward_input(job, g)
         if inp.is_leaf:
             assert rel_error(g, ref_in) < 1e-12
         jobs.append(job)
@@ -96,7 +97,7 @@ def test_split_backward_rejects_tied_weights():
     x = torch.randn(2, 4, requires_grad=True)
     out = lin(lin(x)).sum()
     with pytest.raises(ValueError, match="tied weights"):
-        backward_input(out, None, x, [lin.weight])
+        split_plan(out, x, [lin.weight])
 
 
 def test_stage_cut_errors():

@@ -9,6 +9,9 @@ B runs autograd towards the input only: the engine computes just the outputs it 
 matmul node yields dL/dx and skips dL/dA, while a hook captures the gradient entering each
 split node. W later re-enters each split node with that gradient and asks for the parameters
 only: this time the node computes dL/dA alone. No work is done twice.
+
+The graph walk (`split_plan`) runs right after the forward: on a GPU it overlaps the forward
+kernels still in flight, and it keeps Python off B, the critical path.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 
 @dataclass
-class WeightGrad:
-    """What W needs: for each split node, the gradient that entered it and its parameters."""
+class Split:
+    """One microbatch-chunk's backward, cut in two: built after F, consumed by B then W."""
 
-    jobs: list[tuple[object, tuple, list[torch.nn.Parameter]]] = field(default_factory=list)
+    out: torch.Tensor  # stage output (or scalar loss on the last stage)
+    inp_edge: GradientEdge  # where B stops: the stage input (the embedding output on stage 0)
+    nodes: list[tuple[object, list[torch.nn.Parameter]]]  # split nodes and their weights
+    captured: dict = field(default_factory=dict)  # split node -> gradient entering it (B)
 
 
 def _graph(root) -> list:
@@ -43,10 +49,9 @@ def _graph(root) -> list:
     return order
 
 
-def backward_input(out: torch.Tensor, grad_out: torch.Tensor | None, inp: torch.Tensor,
-                   params: Sequence[torch.nn.Parameter]) -> tuple[torch.Tensor, WeightGrad]:
-    """B: dL/d(inp) for L = <out, grad_out> (or L = out when it is a scalar loss), and the
-    captures W needs. The graph is kept alive for W."""
+def split_plan(out: torch.Tensor, inp: torch.Tensor,
+               params: Sequence[torch.nn.Parameter]) -> Split:
+    """Find the split nodes of the graph from `inp` (and `params`) to `out`."""
     if out.grad_fn is None:
         raise ValueError("out must be the result of a differentiable computation")
     inp_edge = get_gradient_edge(inp)
@@ -75,30 +80,36 @@ def backward_input(out: torch.Tensor, grad_out: torch.Tensor | None, inp: torch.
                                  "the B/W split supports each weight used once")
             claimed |= targets
             split.append((node, [owner[i] for i in sorted(targets)]))
-    captured: dict = {}
+    return Split(out, inp_edge, split)
+
+
+def backward_input(split: Split, grad_out: torch.Tensor | None) -> torch.Tensor:
+    """B: dL/d(input) for L = <out, grad_out> (or L = out, a scalar loss), capturing the
+    gradient entering each split node for W. The graph is kept alive for W."""
+    captured = split.captured
     hooks = [node.register_prehook(lambda grads, node=node: captured.__setitem__(node, grads))
-             for node, _ in split if node is not inp_edge.node]
+             for node, _ in split.nodes if node is not split.inp_edge.node]
     try:
-        (grad_in,) = torch.autograd.grad(out, [inp_edge], grad_out, retain_graph=True)
+        (grad_in,) = torch.autograd.grad(split.out, [split.inp_edge], grad_out,
+                                         retain_graph=True)
     finally:
         for h in hooks:
             h.remove()
-    jobs = []
-    for node, ps in split:
-        grads = (grad_in,) if node is inp_edge.node else captured.get(node)
+    captured[split.inp_edge.node] = (grad_in,)
+    return grad_in
+
+
+def backward_weight(split: Split) -> None:
+    """W: accumulate dL/dW into each parameter's .grad from B's captures, then free them."""
+    for node, params in split.nodes:
+        grads = split.captured.get(node)
         if grads is None:
-            raise RuntimeError(f"split node {node.name()} did not run during B")
-        jobs.append((node, grads, ps))
-    return grad_in, WeightGrad(jobs)
-
-
-def backward_weight(wg: WeightGrad) -> None:
-    """W: accumulate dL/dW into each parameter's .grad from B's captures."""
-    for node, grads, params in wg.jobs:
+            raise RuntimeError(f"W before B: split node {node.name()} has no gradient yet")
         edges = [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
         outs = [g for g in grads if g is not None]
         dws = torch.autograd.grad(edges, params, outs, retain_graph=True, allow_unused=True)
         for p, dw in zip(params, dws, strict=True):
             if dw is not None:
                 p.grad = dw if p.grad is None else p.grad + dw
-    wg.jobs.clear()
+    split.captured.clear()
+    split.nodes.clear()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.parallel.pipeline.backward import backward_input, backward_weight
+from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
 from shared.parallel.pipeline.comms import ACTIVATION, GRADIENT, P2P
 from shared.parallel.pipeline.schedules import Action, Schedule
 from shared.parallel.pipeline.stages import Stage, _sleep_until
@@ -57,7 +57,8 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
     [b, T, D] (the receive buffers' template)."""
     m, last = schedule.num_microbatches, schedule.num_virtual - 1
     stash: dict[tuple[int, int], tuple] = {}  # (mb, chunk) -> (input, output, saved bytes)
-    weight_jobs: dict[tuple[int, int], object] = {}
+    weight_jobs: dict[tuple[int, int], object] = {}  # B/W splits awaiting their W
+    split_backward = {(a.mb, a.chunk) for a in schedule.ranks[rank] if a.kind == "B"}
     spans, sizes = [], []
     loss_sum, peak, peak_bytes = 0.0, 0, 0
     for a in schedule.ranks[rank]:
@@ -80,6 +81,8 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             nbytes = sum(saved.seen.values())
             sizes.append(nbytes)
             stash[a.mb, a.chunk] = (inp, out, nbytes)
+            if (a.mb, a.chunk) in split_backward:  # B and W follow: cut the graph now
+                weight_jobs[a.mb, a.chunk] = split_plan(out, inp, params)
             peak = max(peak, len(stash))
             peak_bytes = max(peak_bytes, sum(v[2] for v in stash.values()))
             if s < last:
@@ -98,7 +101,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 grad_in = inp.grad if s > 0 else None
                 del stash[a.mb, a.chunk]
             else:
-                grad_in, weight_jobs[a.mb, a.chunk] = backward_input(out, g, inp, params)
+                grad_in = backward_input(weight_jobs[a.mb, a.chunk], g)
             if s > 0:
                 comm.send(grad_in, schedule.place(s - 1)[0], comm.tag(GRADIENT, a.mb, s - 1))
         elif a.kind == "W":

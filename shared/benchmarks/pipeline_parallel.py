@@ -1,0 +1,203 @@
+"""Pipeline parallelism: the runs behind the lab, and `kclub bench pipeline-parallel`.
+
+One `launch.spawn` of p = 4 ranks runs every job (starting processes costs more than the
+jobs): correctness jobs (gradients back), the bubble sweep over m, and our runtime against
+torch.distributed.pipelining on the same stages, alternating job by job.
+
+On a CPU the stage durations are emulated (stages.Slots: real arithmetic, then sleep to a fixed
+slot): 4 ranks on 2 cores cannot all compute at once, so raw timings would measure the
+contention, not the schedule. The raw-compute comparison runs too and is reported as such.
+On a GPU nothing is emulated: each rank owns its device.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from kernels.device import gpu_available
+from shared import roofline
+from shared.device import pick
+from shared.models.llama import LlamaConfig
+from shared.parallel import launch
+from shared.parallel.pipeline import make_schedule, simulate
+from shared.parallel.pipeline.timeline import bubble_fraction, makespan
+from shared.parallel.pipeline.worker import Job, ModelSpec, pipeline_worker
+
+P = 4
+SPEC = ModelSpec(pick(
+    ci=LlamaConfig(vocab_size=256, dim=64, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                   max_seq_len=32),
+    full=LlamaConfig(vocab_size=256, dim=1024, n_layers=16, n_heads=16, n_kv_heads=8,
+                     ffn_dim=2816, max_seq_len=512)), seq_len=pick(ci=32, full=512))
+MICROBATCH = pick(ci=2, full=4)
+SWEEP_M = pick(ci=[1, 2, 3, 4, 6, 8, 12, 16], full=list(range(1, 17)))
+REPEATS = pick(ci=2, full=3)  # best of: the sweep's runs per point
+COMPARE_M = 8
+TORCH_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+def slot_s() -> float | None:
+    """Emulated f = b = w per stage (seconds) on CPU; None (real compute) on a GPU."""
+    return None if gpu_available() else pick(ci=0.024, full=0.04)
+
+
+@dataclass
+class Result:
+    job: Job
+    loss: float  # mean loss of the batch (last stage), first step
+    step_s: float  # median step time over the timed steps (first step of several is warm-up)
+    spans: list  # per rank: (Action, start, end) of the first step (ours only)
+    peak: list[int]  # per rank: most stashed microbatch-chunks (ours only)
+    peak_bytes: list[int]  # per rank: most stashed activation bytes (ours only)
+    tokens: int
+    grads: dict | None
+
+    @property
+    def bubble(self) -> float:
+        return bubble_fraction(self.spans)
+
+    @property
+    def idle_s(self) -> float:
+        """Idle time per rank (seconds): the bubble, in time."""
+        return self.bubble * makespan(self.spans)
+
+    @property
+    def throughput(self) -> float:
+        return self.tokens / self.step_s
+
+
+def plan(sweep_m=SWEEP_M, repeats: int = REPEATS) -> list[Job]:
+    """Every job of the lab, in run order."""
+    slot = slot_s()
+    slots = (slot, slot, slot) if slot else None
+    chunks = lambda name: 2 if name == "interleaved-1f1b" else 1
+    jobs = [Job("ours", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True)
+            for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")]
+    jobs += [Job("torch", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True)
+             for n in TORCH_SCHEDULES]
+    for name in ("gpipe", "1f1b", "zb-h1"):  # the bubble sweep, emulated slots
+        jobs += [Job("ours", name, m, microbatch_size=MICROBATCH, slots=slots, steps=repeats)
+                 for m in sweep_m]
+    half = tuple(s / 2 for s in slots) if slots else None  # v = 2 chunks: half the work each
+    jobs += [Job("ours", "interleaved-1f1b", m, chunks=2, microbatch_size=MICROBATCH,
+                 slots=half, steps=repeats) for m in sweep_m if m % P == 0]
+    # Ours vs torch.distributed.pipelining, alternating, one warm-up step each (torch's first
+    # step also infers shapes); emulated slots need fewer steps than noisy real compute.
+    modes = [((slots, half), 2), ((None, None), 4)] if slots else [((None, None), 6)]
+    for emulated, steps in modes:
+        for name in TORCH_SCHEDULES:
+            for runtime in ("ours", "torch"):
+                jobs.append(Job(runtime, name, COMPARE_M, chunks=chunks(name),
+                                microbatch_size=MICROBATCH, steps=steps,
+                                slots=emulated[chunks(name) - 1]))
+        jobs.append(Job("ours", "zb-h1", COMPARE_M, microbatch_size=MICROBATCH, steps=steps,
+                        slots=emulated[0]))
+    return jobs
+
+
+def run(jobs: list[Job], *, timeout_s: float = 900) -> list[Result]:
+    """Run all jobs on P ranks (one process group) and gather each job's result.
+
+    Timelines come from the step with the shortest makespan (best of `steps`): other work on
+    a shared machine only ever delays a rank, so the least disturbed step is the truest."""
+    per_rank = launch.spawn(pipeline_worker, P, SPEC, jobs, timeout_s=timeout_s)
+    results = []
+    for j, job in enumerate(jobs):
+        steps = [[per_rank[r][j][s] for r in range(P)] for s in range(job.steps)]
+        first = steps[0]
+        loss = next(rec["loss"] for rec in first if rec["loss"] is not None)
+        times = [max(rec["time_s"] for rec in step) for step in steps]
+        ours = first[0]["run"] is not None
+        best = min(steps, key=lambda st: makespan([rec["run"].spans for rec in st])) \
+            if ours else first
+        runs = [rec["run"] for rec in best]
+        results.append(Result(
+            job, loss, statistics.median(times[1:] if len(times) > 1 else times),
+            [run.spans for run in runs] if ours else [],
+            [run.peak_stashed for run in runs] if ours else [],
+            [run.peak_stashed_bytes for run in runs] if ours else [],
+            first[0]["tokens"],
+            {n: g for rec in first for n, g in rec.get("grads", {}).items()} or None))
+    return results
+
+
+def find(results: list[Result], runtime: str, name: str, m: int, *, slots: bool | None = None,
+         grads: bool = False) -> Result:
+    """The result of one job (slots=True: emulated durations, False: real compute)."""
+    for r in results:
+        j = r.job
+        if (j.runtime, j.schedule, j.num_microbatches, j.grads) == (runtime, name, m, grads) \
+                and (slots is None or (j.slots is not None) == slots):
+            return r
+    raise KeyError((runtime, name, m, slots, grads))
+
+
+def overrun_share(result: Result) -> float:
+    """Share of actions that outlasted their emulated slot by more than 20 %: the emulation
+    holds only if the real arithmetic fits in the slot."""
+    f, b, w = result.job.slots
+    limit = {"F": f, "B": b, "W": w, "BW": b + w}
+    spans = [x for rank in result.spans for x in rank]
+    return sum(e - s > 1.2 * limit[a.kind] for a, s, e in spans) / len(spans)
+
+
+def predicted_bubble(name: str, m: int, chunks: int = 1) -> float:
+    """The simulator's bubble with f = b = w (per chunk: 1 / v)."""
+    return simulate(make_schedule(name, P, m, chunks=chunks), f=1 / chunks, b=1 / chunks,
+                    w=1 / chunks).bubble_fraction
+
+
+def stage_flops(cfg: LlamaConfig, tokens: int, seq: int) -> float:
+    """Forward FLOPs of one Llama block on `tokens` tokens (2 per multiply-add; causal
+    attention scores and values: 2 * 2 * T / 2 * D per token)."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    weights = cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * cfg.ffn_dim
+    return tokens * (2 * weights + 2 * seq * cfg.dim)
+
+
+# Point-to-point bandwidth between neighbouring stages, bytes/s per direction (vendor specs):
+# NVLink 4 on H100 SXM 450 GB/s, NVLink 3 on A100 300 GB/s, a 400 Gb/s InfiniBand NIC 50 GB/s.
+LINKS = {"NVLink (H100)": 450e9, "NVLink (A100)": 300e9, "InfiniBand 400G": 50e9}
+
+
+def gpu_prediction(hw: str, cfg: LlamaConfig, layers_per_stage: int, microbatch: int,
+                   seq: int, link_bw: float) -> dict:
+    """One stage's forward time (roofline, bf16 as fp16 peak), its activation's transfer
+    time over `link_bw`, and their ratio: when transfer << compute, the schedule's bubble is
+    what a GPU run shows."""
+    tokens = microbatch * seq
+    flops = layers_per_stage * stage_flops(cfg, tokens, seq)
+    weight_bytes = 2 * layers_per_stage * (cfg.dim * (2 * cfg.dim + 2 * cfg.n_kv_heads
+                                                      * cfg.head_dim) + 3 * cfg.dim * cfg.ffn_dim)
+    f = roofline.predict(flops, weight_bytes + 4 * tokens * cfg.dim, hw, "fp16").time_s
+    send = 2 * tokens * cfg.dim / link_bw
+    return {"forward_s": f, "send_s": send, "send_over_forward": send / f}
+
+
+def main() -> None:
+    jobs = plan()
+    print(f"pipeline-parallel: {len(jobs)} jobs on {P} ranks, slot {slot_s()} s, "
+          f"model {SPEC.config}")
+    results = run(jobs)
+    print(f"{'schedule':18} {'m':>3} {'bubble':>7} {'model':>7}")
+    for r in results:
+        if r.job.slots and r.job.steps == REPEATS and r.job.num_microbatches in SWEEP_M:
+            v = r.job.chunks
+            print(f"{r.job.schedule:18} {r.job.num_microbatches:3d} {r.bubble:7.3f} "
+                  f"{predicted_bubble(r.job.schedule, r.job.num_microbatches, v):7.3f}")
+    for emulated in (True, False):
+        for name in TORCH_SCHEDULES:
+            try:
+                ours = find(results, "ours", name, COMPARE_M, slots=emulated)
+                theirs = find(results, "torch", name, COMPARE_M, slots=emulated)
+            except KeyError:
+                continue
+            ratio = ours.throughput / theirs.throughput
+            print(f"{'emulated' if emulated else 'compute '} {name:17} ours "
+                  f"{ours.throughput:9.0f} tok/s, torch.distributed.pipelining "
+                  f"{theirs.throughput:9.0f} tok/s, ratio {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
