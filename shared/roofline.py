@@ -8,9 +8,9 @@ Everything this module returns is a prediction, and labs must say so when they p
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 
+from shared.bench import measure
 from shared.paths import build_dir
 
 T = 1e12
@@ -107,14 +107,8 @@ def this_cpu(refresh: bool = False) -> Hardware:
     src = torch.randn(32 * 1024**2 // 4)  # 32 MiB: past the caches
     dst = torch.empty_like(src)
 
-    def best(fn, reps=5):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+    def best(fn):
+        return measure(fn, warmup=1, repeat=5).median_s
 
     flops = 2 * n**3 / best(lambda: torch.mm(a, b))
     bw = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))  # read + write

@@ -32,6 +32,19 @@ def _rescaled_exp(x, m):
 
 
 @triton.jit
+def _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d,
+               BLOCK_N: tl.constexpr):
+    """The last sweep of both algorithms: read x again, write exp(x − m) / d (1 load, 1 store).
+    A row that is all −inf gives 0/0 = NaN, as torch does."""
+    for start in range(0, n_cols, BLOCK_N):
+        mask = row_ok & (start + cols < n_cols)
+        x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
+        y = tl.exp(x.to(tl.float32) - m) / d
+        tl.store(out_ptr + rows * stride_out + start + cols,
+                 y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def softmax_online_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           ONE_TILE: tl.constexpr):
@@ -58,13 +71,9 @@ def softmax_online_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
             d = d * _rescaled_exp(m, m_new) + tl.sum(_rescaled_exp(x, m_new), axis=1,
                                                      keep_dims=True)
             m = m_new
-        # Pass 2 (lines 7-9): y_i = exp(x_i − m) / d. A row all −inf gives 0/0 = NaN, as torch.
-        for start in range(0, n_cols, BLOCK_N):
-            mask = row_ok & (start + cols < n_cols)
-            x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
-            y = tl.exp(x.to(tl.float32) - m) / d
-            tl.store(out_ptr + rows * stride_out + start + cols,
-                     y.to(out_ptr.dtype.element_ty), mask=mask)
+        # Pass 2 (lines 7-9): y_i = exp(x_i − m) / d.
+        _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d,
+                   BLOCK_N)
 
 
 @triton.jit
@@ -84,12 +93,7 @@ def softmax_safe_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
         mask = row_ok & (start + cols < n_cols)
         x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
         d += tl.sum(_rescaled_exp(x.to(tl.float32), m), axis=1, keep_dims=True)
-    for start in range(0, n_cols, BLOCK_N):
-        mask = row_ok & (start + cols < n_cols)
-        x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
-        y = tl.exp(x.to(tl.float32) - m) / d
-        tl.store(out_ptr + rows * stride_out + start + cols,
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+    _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d, BLOCK_N)
 
 
 def _check_block_size(block_size: int | None, n_cols: int) -> int:
