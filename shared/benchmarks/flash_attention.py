@@ -85,11 +85,13 @@ def flash_io_model(n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Cou
     return Counted(fwd, pre + dkdv + dq, 4 * tiles, 14 * tiles)
 
 
-def compulsory_bytes(n: int, d: int, itemsize: int = 2) -> int:
-    """Every input and output touched once, forward + backward (no N² term): the floor.
+def compulsory(n: int, d: int, itemsize: int = 2) -> Counted:
+    """The floor: every input and output touched once (a perfect cache), FLOPs left at 0.
 
-    Forward reads Q, K, V, writes O and L; backward reads Q, K, V, O, dO, L, writes dQ, dK, dV."""
-    return (4 + 8) * n * d * itemsize + 2 * 4 * n
+    Forward reads Q, K, V and writes O and L; backward reads Q, K, V, O, dO and L and writes
+    dQ, dK, dV."""
+    nd = n * d * itemsize
+    return Counted(4 * nd + 4 * n, 8 * nd + 4 * n, 0, 0)
 
 
 def model_flops(batch: int, heads: int, n: int, d: int, causal: bool) -> tuple[float, float]:
