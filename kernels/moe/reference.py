@@ -41,11 +41,11 @@ def permute_reference(x: torch.Tensor, expert_indices: torch.Tensor, num_experts
     """
     rmap = routing_map(expert_indices, num_experts)
     k = expert_indices.shape[1]
-    return x[rmap.order // k], rmap.group_sizes, rmap.positions
+    return x.index_select(0, rmap.order // k), rmap.group_sizes, rmap.positions
 
 
 def unpermute_reference(y_sorted: torch.Tensor, positions: torch.Tensor,
                         gates: torch.Tensor) -> torch.Tensor:
     """y [T, D] = Σ_j gates[t, j] · y_sorted[positions[t, j]]: the gated combine of k outputs."""
-    picked = y_sorted[positions]                           # [T, k, D]
-    return torch.einsum("tk,tkd->td", gates.to(picked.dtype), picked)
+    picked = y_sorted.index_select(0, positions.reshape(-1)).view(*positions.shape, -1)
+    return (picked * gates.to(picked.dtype).unsqueeze(-1)).sum(dim=1)   # [T, k, D] -> [T, D]
