@@ -68,8 +68,8 @@ def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *,
     """prompt int64 [B, P] -> B continuations of max_new_tokens tokens, one forward each."""
     check_prompt(model, prompt, max_new_tokens)
     sample, _ = ops(impl)
-    cache = KVCache(model.config, prompt.shape[0], dtype=model.lm_head.weight.dtype,
-                    device=prompt.device)
+    cache = KVCache(model.config, prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens,
+                    dtype=model.lm_head.weight.dtype, device=prompt.device)
     logits = model(prompt, cache=cache)[:, -1]  # prefill: [B, V]
     cache.advance(prompt.shape[1])
     out = []

@@ -14,18 +14,23 @@ from shared.models.llama import LlamaConfig
 
 
 class KVCache:
-    """Buffers k, v: [n_layers, B, n_kv_heads, max_seq_len, head_dim]; lengths: int64 [B]."""
+    """Buffers k, v: [n_layers, B, n_kv_heads, max_len, head_dim]; lengths: int64 [B].
+
+    ``max_len`` (default: the model's max_seq_len) sizes the buffers to what a call needs."""
 
     def __init__(self, config: LlamaConfig, batch_size: int, *, n_layers: int | None = None,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 max_len: int | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        max_len = config.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, {config.max_seq_len}], got {max_len}")
         n_layers = config.n_layers if n_layers is None else n_layers
-        shape = (n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        shape = (n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_seq_len = config.max_seq_len
+        self.max_len = max_len
         self._batch = torch.arange(batch_size, device=device)[:, None]  # [B, 1]
 
     @property
@@ -40,10 +45,12 @@ class KVCache:
             raise ValueError(f"k has batch {k.shape[0]}, cache has {self.batch_size}")
         if layer_idx >= self.k.shape[0]:
             raise ValueError(f"layer {layer_idx} is beyond this cache's {self.k.shape[0]} layers")
+        S = int(positions.max()) + 1
+        if S > self.max_len:
+            raise ValueError(f"position {S - 1} is beyond this cache's {self.max_len} slots")
         # buf[layer][b, :, positions[b, t]] <- k[b, :, t]  (advanced indices first: [B,T,H,hd])
         self.k[layer_idx][self._batch, :, positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[layer_idx][self._batch, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        S = int(positions.max()) + 1
         return self.k[layer_idx, :, :, :S], self.v[layer_idx, :, :, :S]
 
     def advance(self, n) -> None:
@@ -54,6 +61,6 @@ class KVCache:
         """Roll back (or forward) to these per-sequence lengths, int64 [B]."""
         lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device)
         lengths = lengths.expand(self.batch_size).clone()
-        if lengths.min() < 0 or lengths.max() > self.max_seq_len:
-            raise ValueError(f"lengths must be in [0, {self.max_seq_len}], got {lengths.tolist()}")
+        if lengths.min() < 0 or lengths.max() > self.max_len:
+            raise ValueError(f"lengths must be in [0, {self.max_len}], got {lengths.tolist()}")
         self.lengths = lengths

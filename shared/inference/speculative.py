@@ -85,8 +85,9 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
     dmodel, k = drafter.model, drafter.n_layers
     B, P = prompt.shape
     dtype, device = target.lm_head.weight.dtype, prompt.device
-    tcache = KVCache(target.config, B, dtype=dtype, device=device)
-    dcache = KVCache(dmodel.config, B, n_layers=k, dtype=dtype, device=device)
+    size = P + max_new_tokens + gamma + 1
+    tcache = KVCache(target.config, B, max_len=size, dtype=dtype, device=device)
+    dcache = KVCache(dmodel.config, B, n_layers=k, max_len=size, dtype=dtype, device=device)
     rows = torch.arange(B, device=device)
 
     # Prefill the caches on all but the prompt's last token: the first round then scores

@@ -1,0 +1,239 @@
+"""Speculative decoding: the measurements behind the lab, and `kclub bench speculative-decoding`.
+
+On this CPU (B = 1, greedy, the paper's setting): wall-clock speed-up over the target's own
+autoregressive decoding for γ = 1..8 and both drafters, beside the paper's model
+(1 − α^(γ+1)) / ((1 − α)(γc + 1)) with the measured α and c; transformers' assisted generation
+on the same weights and prompts. Anywhere: the sampling kernels' memory traffic, counted in
+Triton's interpreter at a real vocabulary, and what it costs on named GPUs next to a forward.
+On a CUDA machine the same sweep runs on the GPU with the Triton kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.sampling import gumbel_sample, speculative_accept
+from shared import bench, iocount, roofline
+from shared.data import train_val_tokens
+from shared.device import pick
+from shared.inference.generate import generate
+from shared.inference.kv_cache import KVCache
+from shared.inference.speculative import Drafter, speculative_generate
+from shared.inference.stats import expected_tokens, model_speedup
+from shared.models import zoo
+
+GAMMAS = tuple(range(1, 9))
+PAPER_SPEEDUP = (2.0, 3.0)  # Leviathan et al. §5.1 (T5-XXL): 2X-3.4X; Chen et al. §4: 2-2.5x
+
+
+@dataclass
+class Setup:
+    target: torch.nn.Module
+    drafters: dict[str, Drafter]
+    prompts: list[torch.Tensor]  # each int64 [1, P]
+    n_new: int
+
+
+def setup(n_prompts: int | None = None, prompt_len: int = 64, n_new: int | None = None) -> Setup:
+    """The zoo's target and both drafters; prompts cut from held-out stdlib text."""
+    target, draft = zoo.load("target"), zoo.load("draft")
+    exit_layer = zoo.RECIPES["target"][1].exit_layer
+    _, val = train_val_tokens()
+    n_prompts = n_prompts or pick(ci=3, full=8)
+    stride = len(val) // n_prompts
+    prompts = [val[i * stride:i * stride + prompt_len][None] for i in range(n_prompts)]
+    return Setup(target, {"draft model": Drafter(draft),
+                          "self-draft": Drafter(target, n_layers=exit_layer)},
+                 prompts, n_new or pick(ci=96, full=160))
+
+
+def cost_ratio(target, drafter: Drafter, context: int = 128, repeat: int = 40) -> dict:
+    """c = (one drafter forward) / (one target forward), one token at B = 1 with a KV cache
+    holding `context` tokens: the paper's cost coefficient (§3.3)."""
+    def step(model, n_layers):
+        cache = KVCache(model.config, 1, n_layers=n_layers)
+        cache.set_lengths(torch.tensor([context]))
+        token = torch.tensor([[10]])
+        return lambda: model(token, cache=cache, n_layers=n_layers)
+
+    with torch.no_grad():
+        t = bench.compare({"target": step(target, None),
+                           "drafter": step(drafter.model, drafter.n_layers)}, repeat=repeat)
+    return {"c": t["drafter"].median_s / t["target"].median_s,
+            "target_ms": t["target"].median_s * 1e3, "drafter_ms": t["drafter"].median_s * 1e3}
+
+
+def run_ar(s: Setup) -> list[torch.Tensor]:
+    return [generate(s.target, p, s.n_new).tokens for p in s.prompts]
+
+
+def run_spec(s: Setup, drafter: Drafter, gamma: int, temperature: float = 0.0, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [speculative_generate(s.target, drafter, p, s.n_new, gamma=gamma,
+                                 temperature=temperature, generator=gen) for p in s.prompts]
+
+
+def merged_acceptance(runs) -> tuple[float, float, float, torch.Tensor]:
+    """(α measured, α predicted = mean Σmin(p,q), tokens per target call, acceptance by
+    position) pooled over the prompts' runs."""
+    head = runs[0]
+    pooled = type(head)(tokens=head.tokens, target_calls=0, gamma=head.gamma,
+                        accepted=[a for r in runs for a in r.accepted],
+                        overlap=[o for r in runs for o in r.overlap],
+                        active=[a for r in runs for a in r.active])
+    alpha, alpha_pred = pooled.acceptance()
+    return alpha, alpha_pred, pooled.tokens_per_call(), pooled.acceptance_by_position()
+
+
+def sweep(s: Setup, gammas=GAMMAS, repeat: int | None = None) -> list[dict]:
+    """Per drafter and γ: greedy output check, α, tokens per call, measured and model speed-up.
+    Every γ of a drafter is timed interleaved with the autoregressive baseline."""
+    repeat = repeat or pick(ci=3, full=10)
+    reference = run_ar(s)
+    rows = []
+    with torch.no_grad():
+        for name, drafter in s.drafters.items():
+            c = cost_ratio(s.target, drafter)["c"]
+            fns = {"ar": lambda: run_ar(s)}
+            fns.update({g: (lambda g=g, d=drafter: run_spec(s, d, g)) for g in gammas})
+            times = bench.compare(fns, warmup=1, repeat=repeat)
+            for g in gammas:
+                runs = run_spec(s, drafter, g)
+                alpha, _, tpc, by_pos = merged_acceptance(runs)
+                rows.append({
+                    "drafter": name, "gamma": g, "c": c, "alpha": alpha,
+                    "tokens_per_call": tpc, "tokens_per_call_model": expected_tokens(alpha, g),
+                    "speedup": times["ar"].median_s / times[g].median_s,
+                    "speedup_model": model_speedup(alpha, g, c),
+                    "identical": all(torch.equal(r.tokens, ref)
+                                     for r, ref in zip(runs, reference, strict=True)),
+                    "acceptance_by_position": by_pos.tolist(),
+                    "ms_per_token": times[g].median_s * 1e3 / (s.n_new * len(s.prompts)),
+                    "ar_ms_per_token": times["ar"].median_s * 1e3 / (s.n_new * len(s.prompts)),
+                })
+    return rows
+
+
+def sampled_acceptance(s: Setup, gamma: int, temperature: float = 1.0) -> dict[str, tuple]:
+    """At T = 1 per drafter: (α measured, α predicted = E[Σ min(p, q)]) — the paper's §3.1."""
+    out = {}
+    with torch.no_grad():
+        for name, drafter in s.drafters.items():
+            out[name] = merged_acceptance(run_spec(s, drafter, gamma, temperature, seed=1))[:3]
+    return out
+
+
+def transformers_side_by_side(s: Setup, gammas: dict[str, int], repeat: int | None = None):
+    """Ours vs transformers' generate() on the same weights and prompts, greedy, B = 1:
+    autoregressive, and assisted generation with each drafter at its γ (constant schedule,
+    no confidence cut-off, so both run the same algorithm). Returns tokens/s and whether the
+    outputs are identical to our target's greedy output."""
+    from transformers.utils import logging
+
+    from shared.models.hf import to_hf
+
+    logging.set_verbosity_error()
+    repeat = repeat or pick(ci=2, full=5)
+    hf_target = to_hf(s.target)
+    hf_draft = to_hf(s.drafters["draft model"].model)
+    exit_layer = s.drafters["self-draft"].n_layers
+
+    def hf_run(**kw):
+        outs = []
+        for p in s.prompts:
+            o = hf_target.generate(p, attention_mask=torch.ones_like(p), do_sample=False,
+                                   max_new_tokens=s.n_new, min_new_tokens=s.n_new, **kw)
+            outs.append(o[:, p.shape[1]:])
+        return outs
+
+    def assisted(name):
+        kw = dict(num_assistant_tokens=gammas[name], num_assistant_tokens_schedule="constant",
+                  assistant_confidence_threshold=0.0)
+        if name == "draft model":
+            return lambda: hf_run(assistant_model=hf_draft, **kw)
+        return lambda: hf_run(assistant_early_exit=exit_layer, **kw)
+
+    fns = {"ours autoregressive": lambda: run_ar(s), "transformers autoregressive": hf_run}
+    for name, drafter in s.drafters.items():
+        fns[f"ours speculative, {name}"] = (
+            lambda d=drafter, g=gammas[name]: [r.tokens for r in run_spec(s, d, g)])
+        fns[f"transformers assisted, {name}"] = assisted(name)
+    reference = run_ar(s)
+    n_tokens = s.n_new * len(s.prompts)
+    rows = {}
+    with torch.no_grad():
+        times = bench.compare(fns, warmup=1, repeat=repeat)
+        for name, fn in fns.items():
+            outs = fn()
+            rows[name] = {"tokens_per_s": n_tokens / times[name].median_s,
+                          "identical": all(torch.equal(o, r)
+                                           for o, r in zip(outs, reference, strict=True))}
+    return rows
+
+
+def batched_speedup(s: Setup, drafter: Drafter, gamma: int, batch: int = 4,
+                    repeat: int | None = None) -> dict:
+    """The same at batch B: every sequence accepts its own number of drafts per round."""
+    repeat = repeat or pick(ci=2, full=5)
+    prompt = torch.cat([s.prompts[i % len(s.prompts)] for i in range(batch)])
+    with torch.no_grad():
+        ref = generate(s.target, prompt, s.n_new).tokens
+        spec = speculative_generate(s.target, drafter, prompt, s.n_new, gamma=gamma)
+        t = bench.compare({"ar": lambda: generate(s.target, prompt, s.n_new),
+                           "spec": lambda: speculative_generate(s.target, drafter, prompt,
+                                                                s.n_new, gamma=gamma)},
+                          warmup=1, repeat=repeat)
+    return {"batch": batch, "speedup": t["ar"].median_s / t["spec"].median_s,
+            "identical": torch.equal(spec.tokens, ref), "alpha": spec.acceptance()[0]}
+
+
+def kernel_traffic(batch: int = 2, gamma: int = 4, vocab: int = 32000) -> dict:
+    """Bytes the sampling kernels move at a real vocabulary (Llama 2's 32000), counted in the
+    interpreter, next to the analytic count and the bytes of one 7B-parameter fp16 forward."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(batch, gamma, vocab, generator=g), -1)
+    p = torch.softmax(torch.randn(batch, gamma + 1, vocab, generator=g), -1)
+    x = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, gamma)
+    with iocount.count() as accept_io:
+        speculative_accept(x, q, p, generator=g)
+    with iocount.count() as sample_io:
+        gumbel_sample(torch.randn(batch, vocab), generator=g)
+    # accept: γ tokens (8 B) + 2γ gathered probs + γ uniforms (4 B); p_n, q_n, u rows (3V · 4 B)
+    # when a draft was rejected; two int64 outputs. Sample: logits + uniforms (2V · 4 B) + out.
+    accept_max = batch * (gamma * (8 + 4 + 4 + 4) + 3 * vocab * 4 + 16)
+    return {"accept_bytes": accept_io.bytes_total, "accept_bytes_max": accept_max,
+            "sample_bytes": sample_io.bytes_total, "sample_bytes_model": batch * (8 * vocab + 8),
+            "forward_7b_bytes": 7e9 * 2}
+
+
+def gpu_prediction(traffic: dict, hw: str = "H100 SXM") -> dict:
+    """Roofline time of the accept kernel and of a memory-bound 7B fp16 decode step."""
+    accept = roofline.predict(0.0, traffic["accept_bytes"], hw, "fp16")
+    forward = roofline.predict(2 * 7e9, traffic["forward_7b_bytes"], hw, "fp16")
+    return {"hardware": hw, "accept_us": accept.time_s * 1e6, "forward_ms": forward.time_s * 1e3,
+            "accept_fraction": accept.time_s / forward.time_s}
+
+
+def main() -> None:
+    s = setup()
+    print(f"{len(s.prompts)} prompts × {s.n_new} new tokens, greedy, B = 1")
+    rows = sweep(s)
+    print(f"{'drafter':12} {'γ':>2} {'α':>5} {'tok/call':>8} {'model':>6} {'c':>5} "
+          f"{'speed-up':>8} {'model':>6} same")
+    for r in rows:
+        print(f"{r['drafter'][:12]:12} {r['gamma']:2d} {r['alpha']:5.2f} "
+              f"{r['tokens_per_call']:8.2f} {r['tokens_per_call_model']:6.2f} {r['c']:5.2f} "
+              f"{r['speedup']:8.2f} {r['speedup_model']:6.2f} {r['identical']}")
+    best = {name: max((r for r in rows if r["drafter"] == name), key=lambda r: r["speedup"])
+            for name in s.drafters}
+    side = transformers_side_by_side(s, {n: b["gamma"] for n, b in best.items()})
+    for name, r in side.items():
+        print(f"{name:42} {r['tokens_per_s']:8.1f} tokens/s  identical={r['identical']}")
+    traffic = kernel_traffic()
+    print(traffic, gpu_prediction(traffic))
+
+
+if __name__ == "__main__":
+    main()
