@@ -72,27 +72,28 @@ def plan(sweep_m=SWEEP_M, repeats: int = REPEATS) -> list[Job]:
     slot = slot_s()
     slots = (slot, slot, slot) if slot else None
     chunks = lambda name: 2 if name == "interleaved-1f1b" else 1
-    jobs = [Job("ours", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True)
-            for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")]
-    jobs += [Job("torch", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True)
-             for n in TORCH_SCHEDULES]
+    jobs = [Job("ours", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True,
+                label="proof") for n in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")]
+    jobs += [Job("torch", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True,
+                 label="proof") for n in TORCH_SCHEDULES]
     for name in ("gpipe", "1f1b", "zb-h1"):  # the bubble sweep, emulated slots
-        jobs += [Job("ours", name, m, microbatch_size=MICROBATCH, slots=slots, steps=repeats)
-                 for m in sweep_m]
+        jobs += [Job("ours", name, m, microbatch_size=MICROBATCH, slots=slots, steps=repeats,
+                     label="sweep") for m in sweep_m]
     half = tuple(s / 2 for s in slots) if slots else None  # v = 2 chunks: half the work each
     jobs += [Job("ours", "interleaved-1f1b", m, chunks=2, microbatch_size=MICROBATCH,
-                 slots=half, steps=repeats) for m in sweep_m if m % P == 0]
+                 slots=half, steps=repeats, label="sweep") for m in sweep_m if m % P == 0]
     # Ours vs torch.distributed.pipelining, alternating, one warm-up step each (torch's first
     # step also infers shapes); emulated slots need fewer steps than noisy real compute.
-    modes = [((slots, half), 2), ((None, None), 4)] if slots else [((None, None), 6)]
-    for emulated, steps in modes:
+    modes = [((slots, half), 2, "emulated"), ((None, None), 4, "compute")] if slots \
+        else [((None, None), 6, "compute")]
+    for emulated, steps, label in modes:
         for name in TORCH_SCHEDULES:
             for runtime in ("ours", "torch"):
                 jobs.append(Job(runtime, name, COMPARE_M, chunks=chunks(name),
                                 microbatch_size=MICROBATCH, steps=steps,
-                                slots=emulated[chunks(name) - 1]))
+                                slots=emulated[chunks(name) - 1], label=label))
         jobs.append(Job("ours", "zb-h1", COMPARE_M, microbatch_size=MICROBATCH, steps=steps,
-                        slots=emulated[0]))
+                        slots=emulated[0], label=label))
     return jobs
 
 
@@ -122,15 +123,20 @@ def run(jobs: list[Job], *, timeout_s: float = 900) -> list[Result]:
     return results
 
 
-def find(results: list[Result], runtime: str, name: str, m: int, *, slots: bool | None = None,
-         grads: bool = False) -> Result:
-    """The result of one job (slots=True: emulated durations, False: real compute)."""
+def find(results: list[Result], label: str, runtime: str, name: str,
+         m: int | None = None) -> Result:
+    """The result of one job: `label` is "proof", "sweep", "emulated" or "compute"."""
     for r in results:
         j = r.job
-        if (j.runtime, j.schedule, j.num_microbatches, j.grads) == (runtime, name, m, grads) \
-                and (slots is None or (j.slots is not None) == slots):
+        if (j.label, j.runtime, j.schedule) == (label, runtime, name) and \
+                m in (None, j.num_microbatches):
             return r
-    raise KeyError((runtime, name, m, slots, grads))
+    raise KeyError((label, runtime, name, m))
+
+
+def sweep(results: list[Result], name: str) -> list[Result]:
+    """The bubble sweep of one schedule, by m."""
+    return [r for r in results if r.job.label == "sweep" and r.job.schedule == name]
 
 
 def overrun_share(result: Result) -> float:
@@ -156,6 +162,12 @@ def stage_flops(cfg: LlamaConfig, tokens: int, seq: int) -> float:
     return tokens * (2 * weights + 2 * seq * cfg.dim)
 
 
+def stage_weight_bytes(cfg: LlamaConfig, layers: int) -> int:
+    """bf16 weight bytes of `layers` blocks: each read once per forward."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    return 2 * layers * (cfg.dim * (2 * cfg.dim + 2 * kv) + 3 * cfg.dim * cfg.ffn_dim)
+
+
 # Point-to-point bandwidth between neighbouring stages, bytes/s per direction (vendor specs):
 # NVLink 4 on H100 SXM 450 GB/s, NVLink 3 on A100 300 GB/s, a 400 Gb/s InfiniBand NIC 50 GB/s.
 LINKS = {"NVLink (H100)": 450e9, "NVLink (A100)": 300e9, "InfiniBand 400G": 50e9}
@@ -168,9 +180,8 @@ def gpu_prediction(hw: str, cfg: LlamaConfig, layers_per_stage: int, microbatch:
     what a GPU run shows."""
     tokens = microbatch * seq
     flops = layers_per_stage * stage_flops(cfg, tokens, seq)
-    weight_bytes = 2 * layers_per_stage * (cfg.dim * (2 * cfg.dim + 2 * cfg.n_kv_heads
-                                                      * cfg.head_dim) + 3 * cfg.dim * cfg.ffn_dim)
-    f = roofline.predict(flops, weight_bytes + 4 * tokens * cfg.dim, hw, "fp16").time_s
+    bytes_moved = stage_weight_bytes(cfg, layers_per_stage) + 4 * tokens * cfg.dim
+    f = roofline.predict(flops, bytes_moved, hw, "fp16").time_s
     send = 2 * tokens * cfg.dim / link_bw
     return {"forward_s": f, "send_s": send, "send_over_forward": send / f}
 
@@ -181,22 +192,21 @@ def main() -> None:
           f"model {SPEC.config}")
     results = run(jobs)
     print(f"{'schedule':18} {'m':>3} {'bubble':>7} {'model':>7}")
-    for r in results:
-        if r.job.slots and r.job.steps == REPEATS and r.job.num_microbatches in SWEEP_M:
-            v = r.job.chunks
-            print(f"{r.job.schedule:18} {r.job.num_microbatches:3d} {r.bubble:7.3f} "
-                  f"{predicted_bubble(r.job.schedule, r.job.num_microbatches, v):7.3f}")
-    for emulated in (True, False):
+    for name in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"):
+        for r in sweep(results, name):
+            m, v = r.job.num_microbatches, r.job.chunks
+            print(f"{name:18} {m:3d} {r.bubble:7.3f} {predicted_bubble(name, m, v):7.3f}")
+    for label in ("emulated", "compute"):
         for name in TORCH_SCHEDULES:
             try:
-                ours = find(results, "ours", name, COMPARE_M, slots=emulated)
-                theirs = find(results, "torch", name, COMPARE_M, slots=emulated)
+                ours = find(results, label, "ours", name)
+                theirs = find(results, label, "torch", name)
             except KeyError:
                 continue
             ratio = ours.throughput / theirs.throughput
-            print(f"{'emulated' if emulated else 'compute '} {name:17} ours "
-                  f"{ours.throughput:9.0f} tok/s, torch.distributed.pipelining "
-                  f"{theirs.throughput:9.0f} tok/s, ratio {ratio:.2f}")
+            print(f"{label:8} {name:17} ours {ours.throughput:9.0f} tok/s, "
+                  f"torch.distributed.pipelining {theirs.throughput:9.0f} tok/s, "
+                  f"ratio {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,4 +53,4 @@ class TorchPipeline:
         args = (tokens,) if first else ()
         kwargs = {"target": targets, "losses": losses} if last else {}
         self.schedule.step(*args, **kwargs)
-        return float(torch.stack(losses).mean()) if last else None
+        return float(torch.stack(losses).detach().mean()) if last else None

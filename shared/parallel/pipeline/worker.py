@@ -50,6 +50,7 @@ class Job:
     steps: int = 1
     grads: bool = False  # return this rank's parameter gradients (first step)
     fail_at: int | None = None  # fault injection: rank 1 meets an unknown action here
+    label: str = ""  # the caller's name for the job's purpose (e.g. "sweep")
 
 
 def build_model(spec: ModelSpec) -> Llama:
