@@ -71,7 +71,7 @@ def train_and_save(name: str, path: Path, *, progress: bool = True) -> dict:
         "state_dict": {k: v.half() for k, v in model.state_dict().items()},
         "losses": result.losses, "val_loss": result.val_loss,
         "val_loss_exit": result.val_loss_exit, "train_seconds": result.seconds,
-        "corpus": corpus_fingerprint(), "torch": torch.__version__,
+        "corpus": corpus_fingerprint(), "torch": str(torch.__version__),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
