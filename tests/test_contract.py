@@ -31,7 +31,9 @@ def test_there_are_labs():
 
 def test_catalog_and_notebooks_match():
     catalog = _catalog()
-    assert set(catalog) == set(LABS_FOUND), "README catalog rows and labs/*.ipynb differ"
+    assert set(LABS_FOUND) <= set(catalog), "every lab notebook needs a README catalog row"
+    listed = {slug for slug, row in catalog.items() if not row.rstrip().endswith("| planned |")}
+    assert listed <= set(LABS_FOUND), "catalog rows (unless 'planned') need their notebook"
 
 
 def test_cards_and_labs_match():
@@ -57,9 +59,10 @@ def test_notebook_as_committed(slug):
     nb = json.loads(raw)
     assert not re.search(r"/(work|home|root|Users|tmp)/", raw), "stored output holds a path"
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    first = "".join(code[0]["source"])
-    assert re.match(r"(\s*#.*\n)*\s*import kernels", first), \
-        "the first code cell must `import kernels` before anything imports triton"
+    imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", "".join(code[0]["source"]), re.M)
+    assert "kernels" in imports and set(imports[:imports.index("kernels")]) <= {"os"}, \
+        "the first code cell must `import kernels` before anything but os (it picks the " \
+        "Triton interpreter before triton loads)"
     assert any(re.search(r"\bassert\b|assert_close", "".join(c["source"])) for c in code)
     for cell in code:
         source = "".join(cell["source"])
