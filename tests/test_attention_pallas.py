@@ -65,7 +65,8 @@ def test_pallas_matches_reference(b, h, h_kv, n_q, n_k, d, causal, dtype, blocks
 
 
 @settings(max_examples=3)
-@given(n_q=st.integers(1, 80), n_k=st.integers(1, 80), d=st.integers(16, 128),
+# n_k >= 2: with one key P = 1 and dQ is exactly 0 (see test_attention.py)
+@given(n_q=st.integers(1, 80), n_k=st.integers(2, 80), d=st.integers(16, 128),
        heads=st.sampled_from([(2, 2), (4, 2), (2, 1)]), causal=st.booleans(),
        sm_scale=st.sampled_from([None, 0.5]), seed=st.integers(0, 2**31))
 def test_pallas_property_any_shape(n_q, n_k, d, heads, causal, sm_scale, seed):

@@ -101,14 +101,6 @@ def model_flops(batch: int, heads: int, n: int, d: int, causal: bool) -> tuple[f
     return fwd, 2.5 * fwd
 
 
-def gpt2_medium(blocks: BlockSizes | None = None) -> dict[str, Counted]:
-    """Counts for one (batch, head) at N=1024, d=64, times batch·heads: exact, because every
-    head is one more column of programs doing the same work."""
-    p = GPT2_MEDIUM
-    return {impl: count(impl, p["n"], p["d"], blocks=blocks).scaled(p["batch"] * p["heads"])
-            for impl in IMPLS}
-
-
 def predict(c: Counted, hw: str) -> dict[str, roofline.Prediction]:
     """Roofline time of the forward and backward pass from counted FLOPs and bytes (fp16)."""
     return {"fwd": roofline.predict(c.fwd_flops, c.fwd_bytes, hw, "fp16"),
@@ -211,7 +203,8 @@ def main() -> int:
             print(f"  N={n:5d}: standard {c['standard'].bytes / 1e6:7.2f} MB, "
                   f"flash {c['flash'].bytes / 1e6:6.2f} MB, "
                   f"ratio {c['standard'].bytes / c['flash'].bytes:.1f}x")
-        gpt = gpt2_medium()
+        # every head is one more column of identical programs: one head's count x heads is exact
+        gpt = {impl: x.scaled(GPT2_MEDIUM["batch"] * GPT2_MEDIUM["heads"]) for impl, x in c.items()}
         print("GPT-2 medium attention (N=1024, d=64, 16 heads, batch 64), fwd + bwd:")
         for impl, key in (("standard", "standard_gb"), ("flash", "flash_gb")):
             print(f"  {impl:8s} counted {gpt[impl].bytes / 1e9:6.1f} GB "
