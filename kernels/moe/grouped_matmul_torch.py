@@ -18,7 +18,8 @@ from kernels.moe._args import check_group_total, grouped_shape
 
 def _gmm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
     out = F.grouped_mm(x, w, offs=offsets)
-    out[total:] = 0                 # grouped_mm leaves rows past the last offset unwritten
+    if total < out.shape[0]:
+        out[total:] = 0             # grouped_mm leaves rows past the last offset unwritten
     return out
 
 

@@ -52,7 +52,7 @@ def routing_map(expert_indices: torch.Tensor, num_experts: int) -> RoutingMap:
     """
     check_routing(expert_indices, num_experts)
     flat = expert_indices.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_experts):
+    if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < num_experts:
         raise ValueError(f"expert_indices must lie in [0, num_experts={num_experts})")
     order = torch.argsort(flat, stable=True)
     positions = torch.empty_like(order)

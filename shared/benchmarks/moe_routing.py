@@ -105,7 +105,7 @@ def versus_mixtral(experts: int, tokens: int, dim: int, ffn: int, k: int = 2,
     err = (ours(x) - theirs(x)).norm() / theirs(x).norm()
     t = bench.compare({"ours": lambda: ours(x), "Mixtral block": lambda: theirs(x),
                        "Mixtral block (grouped_mm)": lambda: theirs_gmm(x)}, repeat=repeat)
-    return {"experts": experts, "rel_error": float(err),
+    return {"experts": experts, "tokens": tokens, "rel_error": float(err),
             **{name: tokens / tm.median_s for name, tm in t.items()}}
 
 
@@ -158,10 +158,11 @@ def main() -> int:
         for row in dispatch_throughput((4, 16, 64), 2048, 128, 256):
             print(f"E={row['experts']:3d}: einsum {row['einsum']:9.0f} tok/s, "
                   f"sort {row['sort']:9.0f} tok/s (layer forward, CPU wall clock)")
-        for E in (8, 64):
-            r = versus_mixtral(E, 2048, 128, 256)
-            print(f"E={E}: ours {r['ours']:.0f} tok/s, Mixtral block {r['Mixtral block']:.0f} "
-                  f"tok/s, rel. error {r['rel_error']:.1e}")
+        for T in (64, 2048):
+            for E in (8, 64):
+                r = versus_mixtral(E, T, 128, 256)
+                print(f"T={T} E={E}: ours {r['ours']:.0f} tok/s, Mixtral block "
+                      f"{r['Mixtral block']:.0f} tok/s, rel. error {r['rel_error']:.1e}")
     else:
         for row in gpu_table():
             print(row)

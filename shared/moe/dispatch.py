@@ -84,7 +84,7 @@ def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch",
                   capacity_factor: float | None = None):
     """MegaBlocks dispatch: permute, grouped SwiGLU, gated unpermute. (y [T, D], keep [T, k]).
 
-    capacity_factor None: dropless (keep is all True).
+    capacity_factor None: dropless, and keep is None (every assignment is kept).
 
     backend "triton": the Triton kernels (the GPU path; the interpreter on a CPU);
     backend "torch": torch index ops and torch's grouped GEMM (the sensible CPU path).
@@ -92,16 +92,17 @@ def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch",
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     E = w_gate_up.shape[0]
-    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep, buckets = None, E
     if capacity_factor is not None:
         T, k = indices.shape
         _, keep = capacity_slots(indices, E, capacity(T, k, E, capacity_factor))
+        # bucket E holds the dropped assignments: sorted last, past Σ group_sizes[:E]
+        indices, buckets = torch.where(keep, indices, E), E + 1
     if backend == "triton":
         perm, gmm, unperm = permute, grouped_matmul, unpermute
     else:
         perm, gmm, unperm = permute_reference, grouped_matmul_torch, unpermute_reference
-    # bucket E holds the dropped assignments: sorted last, past Σ group_sizes[:E]
-    xs, group_sizes, positions = perm(x, torch.where(keep, indices, E), E + 1)  # [T·k, D]
+    xs, group_sizes, positions = perm(x, indices, buckets)          # [T·k, D] by expert
     group_sizes = group_sizes[:E]
     gate, up = gmm(xs, w_gate_up, group_sizes).chunk(2, dim=-1)      # [T·k, F] each
     ys = gmm((F.silu(gate) * up).contiguous(), w_down, group_sizes)  # [T·k, D], dropped = 0

@@ -45,7 +45,6 @@ class MoELayer(nn.Module):
         self.token_ids: torch.Tensor | None = None
         self.aux_loss = torch.zeros(())
         self.last_indices: torch.Tensor | None = None
-        self.last_load = torch.zeros(E)
         self.last_dropped = 0.0
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,12 +63,17 @@ class MoELayer(nn.Module):
         else:
             y, keep = sort_dispatch(flat, routing.gates, routing.indices, self.w_gate_up,
                                     self.w_down, self.backend, self.capacity_factor)
-        self.last_dropped = 1.0 - keep.float().mean().item()
+        self.last_dropped = 0.0 if keep is None else 1.0 - keep.float().mean().item()
         self.aux_loss = routing.aux_loss
         self.last_indices = routing.indices.detach()
-        self.last_load = torch.bincount(self.last_indices.reshape(-1).cpu(),
-                                        minlength=self.num_experts)
         return y.view(x.shape)
+
+    @property
+    def last_load(self) -> torch.Tensor:
+        """[E] int64: assignments routed to each expert in the last forward (before dropping)."""
+        if self.last_indices is None:
+            return torch.zeros(self.num_experts, dtype=torch.int64)
+        return torch.bincount(self.last_indices.reshape(-1).cpu(), minlength=self.num_experts)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

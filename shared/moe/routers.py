@@ -63,7 +63,10 @@ class TopKRouter(Router):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         _check_x(x, self.dim)
         route = topk_route(x @ self.weight.t(), self.k, renormalize=self.renormalize)
-        aux = self.aux_weight * load_balancing_loss(route.probs, route.indices, self.num_experts)
+        aux = x.new_zeros(())
+        if self.training and self.aux_weight:   # a training signal: skipped in eval
+            aux = self.aux_weight * load_balancing_loss(route.probs, route.indices,
+                                                        self.num_experts)
         return Routing(route.gates.to(x.dtype), route.indices, aux)
 
 
