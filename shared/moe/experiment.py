@@ -1,12 +1,11 @@
 """The lab's training experiment: the tiny Llama with MoE layers, one run per router.
 
 Every run trains the same model (shared/models/llama.py with each block's MLP replaced through
-`ffn_factory`) on the stdlib corpus, same seed, same batches, same capacity factor (the
-sort dispatch with GShard's dropping rule: the same numbers as the one-hot einsum, which
-tests/test_moe_layer.py checks, at a sixth of its CPU time), so what differs is only how tokens
-are routed. Per step it logs the language-model
-loss, the load imbalance max_i load_i / mean load (averaged over layers; 1 = perfectly
-balanced) and the share of assignments dropped for lack of capacity.
+`ffn_factory`) on the stdlib corpus, with the same seed, batches and capacity factor, so what
+differs is only how tokens are routed. Dropping uses the sort dispatch with GShard's rule: the
+same numbers as the one-hot einsum (tests/test_moe_layer.py checks it) at a sixth of its CPU
+time. Per step it logs the language-model loss, the load imbalance max_i load_i / mean load
+(averaged over layers; 1 = perfectly balanced) and the share of assignments dropped.
 """
 
 from __future__ import annotations
@@ -39,8 +38,10 @@ class MoERun:
     expert_ffn: int = 64
     capacity_factor: float | None = 1.25   # Switch's training setting (§2.2, Table 1)
     aux_weight: float = 0.01               # Switch's α (§2.2)
-    bias_gamma: float = 0.01               # DeepSeek-V3's γ is 0.001 over 14.8T tokens; a
-    lr: float = 3e-3                       # short run needs a faster bias update
+    # DeepSeek-V3 moves its bias by γ = 0.001 per step over trillions of tokens; a run of a few
+    # hundred steps needs a faster update to balance at all.
+    bias_gamma: float = 0.01
+    lr: float = 3e-3
     seed: int = 0
 
 
