@@ -11,6 +11,8 @@ loops over the other sequence with `lax.fori_loop`, slicing the full K/V (or Q) 
 - Natural exp instead of exp2: clearer, and the compiler picks the instruction.
 - D = rowsum(dO ∘ O) is one fused XLA reduction, not a kernel.
 On CPU every pallas_call runs with interpret=True (kernels.device.pallas_interpret()).
+The block shapes follow the GPU (Triton) lowering; a TPU would also want the per-row L and D
+blocks laid out 128 lanes wide, which interpret mode does not check.
 """
 
 from __future__ import annotations
