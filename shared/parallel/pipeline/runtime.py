@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
 from shared.parallel.pipeline.comms import ACTIVATION, GRADIENT, P2P
 from shared.parallel.pipeline.schedules import Action, Schedule
-from shared.parallel.pipeline.stages import Stage, _sleep_until
+from shared.parallel.pipeline.stages import Stage, sleep_until
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 x.requires_grad_()
             saved = _SavedBytes(params)
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-                inp, out = stage.run(x)
+                inp, out = stage.run(x, pad=False)
                 if s == last:
                     targets = microbatches[a.mb][1]
                     out = F.cross_entropy(out.flatten(0, 1), targets.flatten()) / m
@@ -83,6 +83,8 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             stash[a.mb, a.chunk] = (inp, out, nbytes)
             if (a.mb, a.chunk) in split_backward:  # B and W follow: cut the graph now
                 weight_jobs[a.mb, a.chunk] = split_plan(out, inp, params)
+            if stage.slots is not None:  # the emulated forward ends here, then we send
+                sleep_until(start + stage.slots.f)
             peak = max(peak, len(stash))
             peak_bytes = max(peak_bytes, sum(v[2] for v in stash.values()))
             if s < last:
@@ -93,8 +95,9 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             g = (None if s == last else
                  comm.recv(hidden, schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)))
             start = time.perf_counter()
-            if stage.slots is not None:
+            if stage.slots is not None:  # the emulated backward counts from here
                 stage.slots.backward = stage.slots.b + (stage.slots.w if a.kind == "BW" else 0)
+                stage.slots.t_backward = start
             if a.kind == "BW":
                 inputs = params + ([inp] if s > 0 else [])
                 torch.autograd.backward(out, g, inputs=inputs)
@@ -109,7 +112,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             backward_weight(weight_jobs.pop((a.mb, a.chunk)))
             del stash[a.mb, a.chunk]
             if stage.slots is not None:
-                _sleep_until(start + stage.slots.w)
+                sleep_until(start + stage.slots.w)
         else:
             raise ValueError(f"rank {rank}: unknown action {a!r}")
         spans.append((a, start - t0, time.perf_counter() - t0))

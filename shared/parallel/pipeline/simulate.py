@@ -3,6 +3,7 @@
 This is the model every paper's bubble formula comes from: with forward time f and full
 backward time b + w per microbatch and stage, GPipe and 1F1B both take (m + p - 1)(f + b + w)
 and idle (p - 1)(f + b + w) on each rank, a fraction (p - 1)/(m + p - 1) (GPipe §2.3).
+A message latency (`comm`) turns it into the model of a real run.
 """
 
 from __future__ import annotations
@@ -21,18 +22,23 @@ class Simulation:
     spans: tuple[tuple[tuple[Action, float, float], ...], ...]  # per rank: (action, start, end)
 
 
-def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0) -> Simulation:
-    """Start each action when its rank is free and its inputs exist (per chunk: f, b, w)."""
+def simulate(schedule: Schedule, f: float = 1.0, b: float = 1.0, w: float = 1.0, *,
+             comm: float = 0.0) -> Simulation:
+    """Start each action when its rank is free and its inputs exist (per chunk: f, b, w).
+    `comm` delays every input that comes from another rank (a message's latency)."""
     for name, value in (("f", f), ("b", b), ("w", w)):
         if not value > 0:
             raise ValueError(f"{name} must be a positive duration, got {value!r}")
+    if not comm >= 0:
+        raise ValueError(f"comm must be a latency >= 0, got {comm!r}")
     validate(schedule)
     duration = {"F": f, "B": b, "W": w, "BW": b + w}
     finish: dict = {}
     clock = [0.0] * schedule.num_stages
     spans: list[list] = [[] for _ in range(schedule.num_stages)]
     for r, a in order(schedule):  # dependencies come first in this order
-        start = max([clock[r]] + [finish[d] for d in dependencies(schedule, r, a)])
+        start = max([clock[r]] + [finish[d] + (comm if schedule.place(d[2])[0] != r else 0.0)
+                                  for d in dependencies(schedule, r, a)])
         clock[r] = start + duration[a.kind]
         finish.update(dict.fromkeys(produced(schedule, r, a), clock[r]))
         spans[r].append((a, start, clock[r]))

@@ -26,26 +26,29 @@ from shared.models.llama import Llama
 class Slots:
     """Durations in seconds: forward, backward for the input (b) and for the weights (w).
     `backward` is what the next backward pass is held to; the runtime sets it to b + w for a
-    fused backward and b for the input half (its W it pads itself)."""
+    fused backward and b for the input half (its W it pads itself). The slot counts from
+    `t_backward`: the caller's action start if it sets one, else the stage's first backward
+    node (torch.distributed.pipelining's case)."""
 
     f: float
     b: float
     w: float
     backward: float = 0.0
-    _t_backward: float = 0.0
+    t_backward: float | None = None
 
     def __post_init__(self) -> None:
         self.backward = self.b + self.w
 
 
-def _sleep_until(t: float) -> None:
+def sleep_until(t: float) -> None:
     left = t - time.perf_counter()
     if left > 0:
         time.sleep(left)
 
 
 class _BackwardStarts(torch.autograd.Function):
-    """Identity on the stage output; its backward is the first of the stage's: note the time."""
+    """Identity on the stage output; its backward is the first of the stage's: the backward
+    starts now, unless the caller said when it started."""
 
     @staticmethod
     def forward(ctx, x, slots):
@@ -54,7 +57,8 @@ class _BackwardStarts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.slots._t_backward = time.perf_counter()
+        if ctx.slots.t_backward is None:
+            ctx.slots.t_backward = time.perf_counter()
         return g, None
 
 
@@ -68,7 +72,8 @@ class _BackwardEnds(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        _sleep_until(ctx.slots._t_backward + ctx.slots.backward)
+        sleep_until(ctx.slots.t_backward + ctx.slots.backward)
+        ctx.slots.t_backward = None
         return g, None
 
 
@@ -84,9 +89,10 @@ class Stage(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.slots = slots
 
-    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, *, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(the tensor whose gradient goes upstream, the output). On the first stage that
-        tensor is the embedding output: the B half of the backward stops there."""
+        tensor is the embedding output: the B half of the backward stops there.
+        pad=False leaves the forward's slot to the caller (who has more to do inside it)."""
         t0 = time.perf_counter()
         h = self.embed(x) if self.embed is not None else x
         inp = h
@@ -98,7 +104,8 @@ class Stage(nn.Module):
             h = self.lm_head(self.norm(h))
         if self.slots is not None:
             h = _BackwardStarts.apply(h, self.slots)
-            _sleep_until(t0 + self.slots.f)
+            if pad:
+                sleep_until(t0 + self.slots.f)
         return inp, h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

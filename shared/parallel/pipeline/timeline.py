@@ -7,9 +7,11 @@ rank's clock is measured from a barrier all ranks leave together, runtime.py / w
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
-from shared.parallel.pipeline.schedules import Action
+from shared.parallel.pipeline.schedules import Action, Schedule
+from shared.parallel.pipeline.validate import dependencies, produced
 
 Spans = Sequence[Sequence[tuple[Action, float, float]]]  # per rank
 COLORS = {"F": "#4C72B0", "B": "#55A868", "W": "#C8A23A", "BW": "#55A868"}
@@ -27,6 +29,35 @@ def bubble_fraction(spans: Spans) -> float:
 def makespan(spans: Spans) -> float:
     return (max(e for rank in spans for _, _, e in rank)
             - min(s for rank in spans for _, s, _ in rank))
+
+
+def durations(spans: Spans) -> dict[str, float]:
+    """Median duration of each kind of action in a run."""
+    by_kind: dict[str, list[float]] = {}
+    for rank in spans:
+        for a, s, e in rank:
+            by_kind.setdefault(a.kind, []).append(e - s)
+    return {k: statistics.median(v) for k, v in by_kind.items()}
+
+
+def hop_latency(schedule: Schedule, spans: Spans) -> float:
+    """Median delay from a message's producer ending to its consumer starting, over the
+    consumers that were waiting for that message (idle, and it was their last input)."""
+    end = {}
+    for r, rank in enumerate(spans):
+        for a, _, e in rank:
+            end.update(dict.fromkeys(produced(schedule, r, a), e))
+    delays = []
+    for r, rank in enumerate(spans):
+        for i, (a, s, _) in enumerate(rank):
+            ready = rank[i - 1][2] if i else float("-inf")
+            deps = [(end[d], d) for d in dependencies(schedule, r, a)]
+            if not deps:
+                continue
+            last, d = max(deps)
+            if schedule.place(d[2])[0] != r and last > ready:
+                delays.append(s - last)
+    return max(0.0, statistics.median(delays)) if delays else 0.0
 
 
 def plot_timeline(ax, spans: Spans, title: str = "", *, unit: float = 1.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import time
 from dataclasses import dataclass
 
@@ -100,6 +101,11 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
     out = []
     for step in range(job.steps):
         model.zero_grad(set_to_none=True)
+        # Collect garbage between steps, never during one: a full collection stalls a rank for
+        # up to hundreds of ms, and in a pipeline one straggler delays every rank (Megatron-LM
+        # does the same, its "manual GC").
+        gc.collect()
+        gc.disable()
         dist.barrier()
         t0 = time.perf_counter()
         if torch_pp is not None:
@@ -110,6 +116,7 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
             run = run_schedule(schedule, rank, stages, micro, hidden=hidden, comm=comm, t0=t0)
             loss = run.loss
         dist.barrier()
+        gc.enable()
         rec = {"job": job, "step": step, "loss": loss, "time_s": time.perf_counter() - t0,
                "run": run, "tokens": tokens.numel()}
         if job.grads and step == 0:
@@ -123,6 +130,7 @@ def pipeline_worker(spec: ModelSpec, jobs: list[Job]) -> list[list[dict]]:
     """Runs on every rank (launch.spawn or torchrun); returns, per job, one record per step."""
     rank, p = dist.get_rank(), dist.get_world_size()
     model = build_model(spec)
+    gc.freeze()  # what exists now (torch's modules, the model) is never scanned again
     return [_run_job(model, spec, job, rank, p) for job in jobs]
 
 
