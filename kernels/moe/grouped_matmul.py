@@ -100,7 +100,8 @@ def grouped_matmul_dw_kernel(
         dy = tl.load(DY + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)        # [BM, BN]
         acc = tl.dot(xt, dy, acc)
-    dw_ptrs = DW + g * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    dw_ptrs = (DW + g.to(tl.int64) * stride_we + ks[:, None] * stride_wk
+               + cols[None, :] * stride_wn)                  # E·K·N may pass 2^31
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=k_ok[:, None] & col_ok[None, :])
 
 
