@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
+import numpy as np
+
 from shared.device import hardware_name, scale
 from shared.paths import build_dir
 
@@ -52,8 +54,10 @@ class Recorder:
                hardware: str | None = None, note: str = "") -> Claim:
         """File one measured number. `holds` is the lab's verdict on the claim; `method` says
         how the number was obtained (counted, timed, predicted — and with what)."""
-        if not isinstance(holds, bool):
-            raise TypeError(f"holds must be a bool, got {type(holds).__name__}")
+        if not isinstance(holds, (bool, np.bool_)):  # numpy comparisons give np.bool_
+            raise TypeError(f"holds must be a bool, got {type(holds).__module__}."
+                            f"{type(holds).__name__} {holds!r}")
+        holds = bool(holds)
         if not method:
             raise ValueError("method must say how the number was obtained")
         measured = float(measured)
