@@ -61,6 +61,9 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
     split_backward = {(a.mb, a.chunk) for a in schedule.ranks[rank] if a.kind == "B"}
     spans, sizes = [], []
     loss_sum, peak, peak_bytes = 0.0, 0, 0
+    # On a GPU, kernels run behind the CPU: wait for them at each action's edges so the spans
+    # are the device's (costs the CPU/GPU overlap; CUDA events would keep it).
+    sync = torch.cuda.synchronize if hidden.is_cuda else (lambda: None)
     for a in schedule.ranks[rank]:
         s = schedule.stage(rank, a.chunk)
         stage = stages[a.chunk]
@@ -68,6 +71,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
         if a.kind == "F":
             x = (microbatches[a.mb][0] if s == 0 else
                  comm.recv(hidden, schedule.place(s - 1)[0], comm.tag(ACTIVATION, a.mb, s)))
+            sync()
             start = time.perf_counter()
             if s > 0:
                 x.requires_grad_()
@@ -94,6 +98,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             inp, out, _ = stash[a.mb, a.chunk]
             g = (None if s == last else
                  comm.recv(hidden, schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)))
+            sync()
             start = time.perf_counter()
             if stage.slots is not None:  # the emulated backward counts from here
                 stage.slots.backward = stage.slots.b + (stage.slots.w if a.kind == "BW" else 0)
@@ -115,6 +120,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 sleep_until(start + stage.slots.w)
         else:
             raise ValueError(f"rank {rank}: unknown action {a!r}")
+        sync()
         spans.append((a, start - t0, time.perf_counter() - t0))
     comm.flush()
     return RankRun(rank, loss_sum if rank == schedule.place(last)[0] else None, spans, peak,

@@ -86,7 +86,8 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
     stages_all = split_llama(model, p * job.chunks, slots=slots)
     stages = {c: stages_all[c * p + rank] for c in range(job.chunks)}
     m, b = job.num_microbatches, job.microbatch_size
-    tokens, targets = make_batch(spec, m * b)
+    dev = launch.device()
+    tokens, targets = (t.to(dev) for t in make_batch(spec, m * b))
     schedule = validate(make_schedule(job.schedule, p, m, chunks=job.chunks))
     if job.fail_at is not None and rank == 1:
         actions = list(schedule.ranks[1])
@@ -96,8 +97,8 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
     torch_pp = None
     if job.runtime == "torch":  # imported on demand: torch.distributed.pipelining takes ~3 s
         from shared.parallel.pipeline.torch_pp import TorchPipeline
-        torch_pp = TorchPipeline(job.schedule, rank, p, stages, m, launch.device())
-    hidden = torch.empty(b, spec.seq_len, spec.config.dim)
+        torch_pp = TorchPipeline(job.schedule, rank, p, stages, m, dev)
+    hidden = torch.empty(b, spec.seq_len, spec.config.dim, device=dev)
     out = []
     for step in range(job.steps):
         model.zero_grad(set_to_none=True)
@@ -106,21 +107,24 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
         # does the same, its "manual GC").
         gc.collect()
         gc.disable()
-        dist.barrier()
-        t0 = time.perf_counter()
-        if torch_pp is not None:
-            loss, run = torch_pp.step(tokens, targets), None
-        else:
-            comm = P2P(m, p * job.chunks, launch.TIMEOUT_S)
-            micro = list(zip(tokens.split(b), targets.split(b), strict=True))
-            run = run_schedule(schedule, rank, stages, micro, hidden=hidden, comm=comm, t0=t0)
-            loss = run.loss
-        dist.barrier()
-        gc.enable()
+        try:
+            dist.barrier()
+            t0 = time.perf_counter()
+            if torch_pp is not None:
+                loss, run = torch_pp.step(tokens, targets), None
+            else:
+                comm = P2P(m, p * job.chunks, launch.TIMEOUT_S)
+                micro = list(zip(tokens.split(b), targets.split(b), strict=True))
+                run = run_schedule(schedule, rank, stages, micro, hidden=hidden, comm=comm,
+                                   t0=t0)
+                loss = run.loss
+            dist.barrier()
+        finally:
+            gc.enable()
         rec = {"job": job, "step": step, "loss": loss, "time_s": time.perf_counter() - t0,
                "run": run, "tokens": tokens.numel()}
         if job.grads and step == 0:
-            rec["grads"] = {names[id(q)]: q.grad.clone() for c in stages
+            rec["grads"] = {names[id(q)]: q.grad.detach().cpu() for c in stages
                             for q in stages[c].parameters() if q.grad is not None}
         out.append(rec)
     return out
@@ -129,7 +133,7 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
 def pipeline_worker(spec: ModelSpec, jobs: list[Job]) -> list[list[dict]]:
     """Runs on every rank (launch.spawn or torchrun); returns, per job, one record per step."""
     rank, p = dist.get_rank(), dist.get_world_size()
-    model = build_model(spec)
+    model = build_model(spec).to(launch.device())
     gc.freeze()  # what exists now (torch's modules, the model) is never scanned again
     return [_run_job(model, spec, job, rank, p) for job in jobs]
 

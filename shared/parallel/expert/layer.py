@@ -1,5 +1,7 @@
 """Expert parallelism: E experts split over W ranks, tokens moved by all-to-all (GShard §2.3).
 
+The communication (an all-to-all that autograd can run backwards) is in `comm.py` beside this.
+
 Each rank holds T_r tokens, a replica of the router, and E/W experts (rank r owns experts
 [r·E/W, (r+1)·E/W)). One forward:
   1. route locally and sort the T_r·k assignments by expert, hence by owning rank;
@@ -28,33 +30,7 @@ from kernels.moe import (
     unpermute_reference,
 )
 from shared.moe.layer import MoELayer
-
-
-class _AllToAll(torch.autograd.Function):
-    """Rows of x go out in in_splits-sized chunks (chunk r to rank r); out_splits come back."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        out_splits, in_splits = ctx.splits   # the gradient travels the same routes backwards
-        dx = dout.new_empty((sum(in_splits), *dout.shape[1:]))
-        dist.all_to_all_single(dx, dout.contiguous(), in_splits, out_splits, group=ctx.group)
-        return dx, None, None, None
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
-def a2a_bytes_formula(tokens: int, k: int, dim: int, world: int, itemsize: int) -> float:
-    """Expected bytes one rank sends to others in one all-to-all under uniform routing."""
-    return (world - 1) / world * tokens * k * dim * itemsize
+from shared.parallel.expert.comm import all_to_all
 
 
 class ExpertParallelMoE(nn.Module):
