@@ -1,7 +1,8 @@
 """Point-to-point transfers between pipeline ranks: activations forward, gradients backward.
 
 Sends are non-blocking (`isend`): a rank never waits for its consumer, which is the model
-validate.py checks schedules against. Receives block, with the group's timeout, so a missing
+validate.py checks schedules against. Receives are posted one action ahead (`post`) and waited
+on (`recv`) right before the action that needs them, with the group's timeout, so a missing
 message raises instead of hanging. Every message is tagged by (what, microbatch, stage) so
 gloo matches it regardless of arrival order; NCCL ignores tags and matches in order, which
 validate.fifo_order checks per pair of ranks.
@@ -24,6 +25,7 @@ class P2P:
         self.rank = dist.get_rank()
         self.local: dict[int, torch.Tensor] = {}  # messages a rank sends itself (p == 1)
         self.pending: list = []  # isend works still in flight
+        self.posted: dict[int, tuple] = {}  # tag -> (buffer, irecv work) posted ahead
 
     def tag(self, what: int, mb: int, stage: int) -> int:
         """Unique per message: stage is the receiving virtual stage."""
@@ -35,12 +37,19 @@ class P2P:
         else:
             self.pending.append(dist.isend(tensor.contiguous(), dst, tag=tag))
 
+    def post(self, like: torch.Tensor, src: int, tag: int) -> None:
+        """Post the receive of message `tag` now, so it can land while this rank works: a
+        receive posted late costs a round trip (gloo sends once the receiver is ready)."""
+        if src != self.rank and tag not in self.posted:
+            buf = torch.empty_like(like)
+            self.posted[tag] = (buf, dist.irecv(buf, src, tag=tag))
+
     def recv(self, like: torch.Tensor, src: int, tag: int) -> torch.Tensor:
         """A tensor shaped and typed like `like`, from `src`; raises after the timeout."""
         if src == self.rank:
             return self.local.pop(tag)
-        buf = torch.empty_like(like)
-        work = dist.irecv(buf, src, tag=tag)
+        self.post(like, src, tag)
+        buf, work = self.posted.pop(tag)
         if not work.wait(self.timeout):
             raise TimeoutError(f"rank {self.rank}: no message {tag} from rank {src} "
                                f"within {self.timeout}")

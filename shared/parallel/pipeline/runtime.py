@@ -35,6 +35,16 @@ class RankRun:
     stash_bytes: list[int]  # saved activation bytes of each stashed forward, in order
 
 
+def _source(schedule: Schedule, rank: int, a: Action, comm: P2P) -> tuple[int, int] | None:
+    """(source rank, tag) of the message `a` waits for, if any."""
+    s, last = schedule.stage(rank, a.chunk), schedule.num_virtual - 1
+    if a.kind == "F" and s > 0:
+        return schedule.place(s - 1)[0], comm.tag(ACTIVATION, a.mb, s)
+    if a.kind in ("B", "BW") and s < last:
+        return schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)
+    return None
+
+
 class _SavedBytes:
     """Counts the distinct storages autograd saves for backward, parameters excluded."""
 
@@ -64,13 +74,17 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
     # On a GPU, kernels run behind the CPU: wait for them at each action's edges so the spans
     # are the device's (costs the CPU/GPU overlap; CUDA events would keep it).
     sync = torch.cuda.synchronize if hidden.is_cuda else (lambda: None)
-    for a in schedule.ranks[rank]:
+    actions = schedule.ranks[rank]
+    for i, a in enumerate(actions):
+        for nxt in actions[i:i + 2]:  # this action's input and the next one's, posted early
+            if (src := _source(schedule, rank, nxt, comm)) is not None:
+                comm.post(hidden, *src)
         s = schedule.stage(rank, a.chunk)
         stage = stages[a.chunk]
         params = list(stage.parameters())
         if a.kind == "F":
             x = (microbatches[a.mb][0] if s == 0 else
-                 comm.recv(hidden, schedule.place(s - 1)[0], comm.tag(ACTIVATION, a.mb, s)))
+                 comm.recv(hidden, *_source(schedule, rank, a, comm)))
             sync()
             start = time.perf_counter()
             if s > 0:
@@ -96,8 +110,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                           comm.tag(ACTIVATION, a.mb, s + 1))
         elif a.kind in ("B", "BW"):
             inp, out, _ = stash[a.mb, a.chunk]
-            g = (None if s == last else
-                 comm.recv(hidden, schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)))
+            g = (None if s == last else comm.recv(hidden, *_source(schedule, rank, a, comm)))
             sync()
             start = time.perf_counter()
             if stage.slots is not None:  # the emulated backward counts from here
