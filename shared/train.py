@@ -1,9 +1,10 @@
 """Training the tiny models: next-byte prediction on the stdlib corpus, seeded, with a loss curve.
 
-One loop serves every model. With ``exit_layer=e`` the loss adds the early-exit term of LayerSkip
-(Elhoushi et al. 2024, §4.2): the shared norm + lm_head must also predict from block e's output,
-so the first e blocks alone can draft for the whole model (self-speculation, §5). LayerSkip also
-drops layers stochastically and ramps the exit loss over time; one fixed exit keeps this small.
+One loop serves every model. With ``exit_layer=e`` the loss adds LayerSkip's early-exit term
+(Elhoushi et al. 2024, "training using layer dropout & early exit loss"): the shared norm +
+lm_head must also predict from block e's output, so the first e blocks alone can draft for the
+whole model (self-speculation). LayerSkip also drops layers stochastically and ramps the exit
+loss over time; one fixed exit keeps this small.
 """
 
 from __future__ import annotations

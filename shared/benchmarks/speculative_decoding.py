@@ -21,11 +21,11 @@ from shared.device import pick
 from shared.inference.generate import generate
 from shared.inference.kv_cache import KVCache
 from shared.inference.speculative import Drafter, speculative_generate
-from shared.inference.stats import expected_tokens, model_speedup
+from shared.inference.stats import alpha_needed, best_gamma, expected_tokens, model_speedup
 from shared.models import zoo
 
 GAMMAS = tuple(range(1, 9))
-PAPER_SPEEDUP = (2.0, 3.0)  # Leviathan et al. §5.1 (T5-XXL): 2X-3.4X; Chen et al. §4: 2-2.5x
+PAPER_SPEEDUP = (2.0, 3.0)  # Leviathan et al.: 2X-3X (T5-XXL); Chen et al.: 2-2.5x
 
 
 @dataclass
@@ -51,7 +51,7 @@ def setup(n_prompts: int | None = None, prompt_len: int = 64, n_new: int | None 
 
 def cost_ratio(target, drafter: Drafter, context: int = 128, repeat: int = 40) -> dict:
     """c = (one drafter forward) / (one target forward), one token at B = 1 with a KV cache
-    holding `context` tokens: the paper's cost coefficient (§3.3)."""
+    holding `context` tokens: the paper's cost coefficient c (§3)."""
     def step(model, n_layers):
         cache = KVCache(model.config, 1, n_layers=n_layers)
         cache.set_lengths(torch.tensor([context]))
@@ -117,7 +117,7 @@ def sweep(s: Setup, gammas=GAMMAS, repeat: int | None = None) -> list[dict]:
 
 
 def sampled_acceptance(s: Setup, gamma: int, temperature: float = 1.0) -> dict[str, tuple]:
-    """At T = 1 per drafter: (α measured, α predicted = E[Σ min(p, q)]) — the paper's §3.1."""
+    """At T = 1 per drafter: (α measured, α predicted = E[Σ min(p, q)]) — the paper's §3."""
     out = {}
     with torch.no_grad():
         for name, drafter in s.drafters.items():
@@ -189,6 +189,28 @@ def batched_speedup(s: Setup, drafter: Drafter, gamma: int, batch: int = 4,
             "identical": torch.equal(spec.tokens, ref), "alpha": spec.acceptance()[0]}
 
 
+def round_costs(row: dict) -> dict:
+    """Where a round's time goes, for one sweep row: measured ms per round against the model's
+    (γc + 1) target forwards; the ratio is the per-round work the model leaves out (sampling,
+    the rule, cache bookkeeping) plus the verify forward costing more than a one-token one."""
+    actual = row["ms_per_token"] * row["tokens_per_call"]
+    model = row["ar_ms_per_token"] * (row["gamma"] * row["c"] + 1)
+    best = best_gamma(row["alpha"], row["c"])
+    return {"round_ms": actual, "model_round_ms": model, "overhead": actual / model,
+            "model_best_gamma": best, "model_best": model_speedup(row["alpha"], best, row["c"]),
+            "alpha_for_2x": alpha_needed(2.0, best, row["c"])}
+
+
+def memory_bound_c(drafter: Drafter, target) -> float:
+    """c on a GPU decoding at small batch, where a forward costs its weight bytes: the drafter's
+    parameters (embedding, its blocks, head) over the target's."""
+    m = drafter.model
+    blocks = m.layers if drafter.n_layers is None else m.layers[:drafter.n_layers]
+    own = sum(p.numel() for p in blocks.parameters()) + m.embed.weight.numel() + \
+        m.lm_head.weight.numel() + m.norm.weight.numel()
+    return own / target.num_params()
+
+
 def kernel_traffic(batch: int = 2, gamma: int = 4, vocab: int = 32000) -> dict:
     """Bytes the sampling kernels move at a real vocabulary (Llama 2's 32000), counted in the
     interpreter, next to the analytic count and the bytes of one 7B-parameter fp16 forward."""
@@ -217,6 +239,7 @@ def gpu_prediction(traffic: dict, hw: str = "H100 SXM") -> dict:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # decode-sized matmuls: threads add only spin-wait noise on a CPU
     s = setup()
     print(f"{len(s.prompts)} prompts × {s.n_new} new tokens, greedy, B = 1")
     rows = sweep(s)

@@ -7,7 +7,7 @@ Each round, per sequence of the batch:
      norm(max(0, p − q)) at the first rejection (or from p_{γ+1} if none): n + 1 tokens, n ≤ γ.
   4. both KV caches roll back to the kept prefix (their own length per sequence).
 The drafter is a separate small model, or the target's own first k blocks + its head
-(LayerSkip self-speculation, Elhoushi et al. 2024, §5): ``Drafter(target, n_layers=k)``.
+(LayerSkip self-speculation, Elhoushi et al. 2024): ``Drafter(target, n_layers=k)``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SpecGeneration(Generation):
 
     def acceptance(self) -> tuple[float, float]:
         """(measured α, predicted α): accepted / tried drafts, and the mean of the expected
-        acceptance β_i = Σ_v min(p_i(v), q_i(v)) (paper §3.1) over the same tried drafts.
+        acceptance β_i = Σ_v min(p_i(v), q_i(v)) (Leviathan et al. §3) over the same tried drafts.
         A draft is tried if every draft before it in its round was accepted."""
         n = torch.stack(self.accepted)  # [R, B]
         act = torch.stack(self.active)  # [R, B]

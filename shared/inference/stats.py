@@ -55,3 +55,15 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 
     # P(χ²_dof > stat) = Q(dof/2, stat/2), the regularised upper incomplete gamma function
     p_value = torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2)
     return stat.item(), dof, p_value.item()
+
+
+def alpha_needed(speedup: float, gamma: int, c: float) -> float:
+    """The smallest α whose model speed-up at (γ, c) reaches `speedup` (bisection; the model
+    grows with α); 1.0 if even α = 1 falls short: then only a cheaper drafter helps."""
+    if model_speedup(1.0, gamma, c) < speedup:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if model_speedup(mid, gamma, c) < speedup else (lo, mid)
+    return hi

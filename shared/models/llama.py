@@ -217,7 +217,7 @@ class Llama(nn.Module):
 
     def forward_with_exit(self, tokens: torch.Tensor, exit_layer: int):
         """(logits of the full model, logits after `exit_layer` blocks), one pass: for training
-        with LayerSkip's early-exit loss (Elhoushi et al. 2024, §4.2)."""
+        with LayerSkip's early-exit loss (Elhoushi et al. 2024)."""
         if not 1 <= exit_layer <= self.config.n_layers:
             raise ValueError(f"exit_layer must be in [1, {self.config.n_layers}]")
         h = self.embed(tokens)
