@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.parallel.pipeline import Action, Schedule, make_schedule, simulate, validate
+from shared.parallel.pipeline import Action, Schedule, make_schedule, simulate, timeline, validate
 from shared.parallel.pipeline.validate import fifo_order
 
 NAMES = ("gpipe", "1f1b", "zb-h1")
@@ -108,3 +108,23 @@ def test_fifo_check_catches_reordered_sends():
 def test_schedule_text_shows_actions():
     text = str(make_schedule("interleaved-1f1b", 2, 2, chunks=2))
     assert "rank 0: F0 F1 F0.1 F1.1" in text
+
+
+def test_message_latency_lengthens_the_critical_path():
+    # p=2, m=1: F on rank 0, message, F and BW on rank 1, message, BW on rank 0
+    assert simulate(make_schedule("gpipe", 2, 1), comm=0.25).makespan == pytest.approx(6.5)
+    with pytest.raises(ValueError, match="comm must be"):
+        simulate(make_schedule("gpipe", 2, 1), comm=-1)
+
+
+@given(p=st.integers(2, 5), m=st.integers(1, 8), name=st.sampled_from(NAMES),
+       comm=st.floats(0.0, 0.5))
+def test_timeline_reads_back_what_the_simulator_played(p, m, name, comm):
+    """bubble, durations and message latency recovered from spans alone."""
+    sched = make_schedule(name, p, m)
+    sim = simulate(sched, f=1.0, b=2.0, w=0.5, comm=comm)
+    assert timeline.bubble_fraction(sim.spans) == pytest.approx(sim.bubble_fraction)
+    assert timeline.makespan(sim.spans) == pytest.approx(sim.makespan)
+    expected = {"F": 1.0, "B": 2.0, "W": 0.5} if name == "zb-h1" else {"F": 1.0, "BW": 2.5}
+    assert timeline.durations(sim.spans) == pytest.approx(expected)
+    assert timeline.hop_latency(sched, sim.spans) == pytest.approx(comm)

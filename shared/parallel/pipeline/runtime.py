@@ -13,6 +13,7 @@ Each action's start and end are recorded (after its receive, so waiting counts a
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
     weight_jobs: dict[tuple[int, int], object] = {}  # B/W splits awaiting their W
     split_backward = {(a.mb, a.chunk) for a in schedule.ranks[rank] if a.kind == "B"}
     spans, sizes = [], []
+    chunk_bytes: dict[int, int] = {}  # saved activation bytes of one microbatch, per chunk
     loss_sum, peak, peak_bytes = 0.0, 0, 0
     # On a GPU, kernels run behind the CPU: wait for them at each action's edges so the spans
     # are the device's (costs the CPU/GPU overlap; CUDA events would keep it).
@@ -89,14 +91,19 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             start = time.perf_counter()
             if s > 0:
                 x.requires_grad_()
-            saved = _SavedBytes(params)
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            # Every microbatch of a chunk saves the same tensors: count them on the first
+            # (a Python hook per saved tensor would cost as much as this tiny forward).
+            saved = _SavedBytes(params) if a.chunk not in chunk_bytes else None
+            with (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved
+                  else contextlib.nullcontext()):
                 inp, out = stage.run(x, pad=False)
                 if s == last:
                     targets = microbatches[a.mb][1]
                     out = F.cross_entropy(out.flatten(0, 1), targets.flatten()) / m
                     loss_sum += out.item()
-            nbytes = sum(saved.seen.values())
+            if saved:
+                chunk_bytes[a.chunk] = sum(saved.seen.values())
+            nbytes = chunk_bytes[a.chunk]
             sizes.append(nbytes)
             stash[a.mb, a.chunk] = (inp, out, nbytes)
             if (a.mb, a.chunk) in split_backward:  # B and W follow: cut the graph now
