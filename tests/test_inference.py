@@ -5,6 +5,7 @@ measured acceptance agrees with the paper's α, and the Triton and reference pat
 import pytest
 import torch
 
+from kernels.sampling import speculative_accept, speculative_accept_reference
 from shared.data import ByteTokenizer
 from shared.inference.generate import generate
 from shared.inference.speculative import Drafter, accept_if_p_ge_q, speculative_generate
@@ -64,6 +65,10 @@ def test_greedy_speculative_equals_target_greedy_random_models():
             assert torch.equal(out.tokens, ref), (drafter.name, gamma)
     out = speculative_generate(target, Drafter(target), prompt, 30, gamma=3)
     assert out.tokens_per_call() == 4.0  # the target drafting for itself: α = 1
+    # the general rule on one-hot p, q (what the greedy fast path short-cuts) agrees too
+    for accept in (speculative_accept, speculative_accept_reference):
+        out = speculative_generate(target, Drafter(draft), prompt, 30, gamma=4, accept=accept)
+        assert torch.equal(out.tokens, ref)
 
 
 def test_triton_and_reference_paths_agree_when_sampling():

@@ -81,6 +81,7 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
         raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
     check_prompt(target, prompt, max_new_tokens, extra=gamma + 1)
     sample, default_accept = ops(impl)
+    greedy = temperature == 0 and accept is None  # an overridden rule always runs as given
     accept = accept or default_accept
     dmodel, k = drafter.model, drafter.n_layers
     B, P = prompt.shape
@@ -88,7 +89,7 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
     size = P + max_new_tokens + gamma + 1
     tcache = KVCache(target.config, B, max_len=size, dtype=dtype, device=device)
     dcache = KVCache(dmodel.config, B, n_layers=k, max_len=size, dtype=dtype, device=device)
-    rows = torch.arange(B, device=device)
+    rows, idx = torch.arange(B, device=device), torch.arange(gamma, device=device)
 
     # Prefill the caches on all but the prompt's last token: the first round then scores
     # p(· | prompt) itself, so every new token, the first included, passes the rule.
@@ -111,22 +112,35 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
         tcache.set_lengths(start)
         dcache.set_lengths(start - 1)
         x_in = torch.stack([prev, last], 1)  # [B, 2]
-        drafts, q = [], []
+        drafts, draft_logits = [], []
         for _ in range(gamma):
             logits = dmodel(x_in, cache=dcache, n_layers=k)[:, -1]  # [B, V]
             dcache.advance(x_in.shape[1])
-            q.append(probs(logits, temperature))
-            drafts.append(sample(logits, temperature=temperature, generator=generator))
+            draft_logits.append(logits)
+            drafts.append(logits.argmax(-1) if greedy else
+                          sample(logits, temperature=temperature, generator=generator))
             x_in = drafts[-1][:, None]
-        drafts_t, q_t = torch.stack(drafts, 1), torch.stack(q, 1)  # [B, γ], [B, γ, V]
+        drafts_t = torch.stack(drafts, 1)  # [B, γ]
         # 2. The target scores last + γ drafts in one forward: p_1..p_{γ+1}.
         tokens = torch.cat([last[:, None], drafts_t], 1)  # [B, γ+1]
-        p_t = probs(target(tokens, cache=tcache), temperature)  # [B, γ+1, V]
+        target_logits = target(tokens, cache=tcache)  # [B, γ+1, V]
         # 3. The rule (Alg. 1): n accepted drafts + one token from the residual or p_{γ+1}.
-        n, nxt = accept(drafts_t, q_t, p_t, generator=generator, check_inputs=False)
+        if greedy:
+            # p, q one-hot: accept while the draft is the target's argmax; the residual is the
+            # target's argmax at the first mismatch (the rule's T -> 0 limit, tested equal).
+            best = target_logits.argmax(-1)  # [B, γ+1]
+            match = drafts_t == best[:, :gamma]
+            n = torch.where(match, gamma, idx).amin(1)
+            nxt = best[rows, n]
+            overlap = match.float()  # Σ min(p, q) of one-hot p, q
+        else:
+            q_t = probs(torch.stack(draft_logits, 1), temperature)  # [B, γ, V]
+            p_t = probs(target_logits, temperature)  # [B, γ+1, V]
+            n, nxt = accept(drafts_t, q_t, p_t, generator=generator, check_inputs=False)
+            overlap = torch.minimum(p_t[:, :gamma], q_t).sum(-1)  # [B, γ]
         result.accepted.append(n)
         result.active.append(active)
-        result.overlap.append(torch.minimum(p_t[:, :gamma], q_t).sum(-1))
+        result.overlap.append(overlap)
         # 4. Keep x_1..x_n and the new token; roll the target cache back to last + x_1..x_n.
         j = torch.arange(gamma + 1, device=device)
         new = torch.where(j < n[:, None], torch.cat([drafts_t, drafts_t[:, :1]], 1),
