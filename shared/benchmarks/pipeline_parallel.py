@@ -45,7 +45,7 @@ TORCH_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 def slot_s() -> float | None:
     """Emulated f = b = w per stage (seconds) on CPU; None (real compute) on a GPU."""
-    return None if gpu_available() else pick(ci=0.020, full=0.04)
+    return None if gpu_available() else pick(ci=0.025, full=0.04)
 
 
 @dataclass

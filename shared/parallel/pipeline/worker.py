@@ -100,12 +100,12 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
         torch_pp = TorchPipeline(job.schedule, rank, p, stages, m, dev)
     hidden = torch.empty(b, spec.seq_len, spec.config.dim, device=dev)
     out = []
+    # Collect garbage between jobs, never during a step: a collection stalls a rank for up to
+    # hundreds of ms, and in a pipeline one straggler delays every rank (Megatron-LM's "manual
+    # GC" does the same).
+    gc.collect()
     for step in range(job.steps):
         model.zero_grad(set_to_none=True)
-        # Collect garbage between steps, never during one: a full collection stalls a rank for
-        # up to hundreds of ms, and in a pipeline one straggler delays every rank (Megatron-LM
-        # does the same, its "manual GC").
-        gc.collect()
         gc.disable()
         try:
             dist.barrier()
