@@ -168,3 +168,23 @@ def test_bad_inputs_are_named():
             fn(torch.randn(5))
         with pytest.raises(TypeError, match="logits"):
             fn(torch.randn(2, 5).long())
+
+
+def test_kernels_move_the_analytic_bytes():
+    """Each probability row is read once; q_n only when a draft was rejected (iocount)."""
+    from shared import iocount
+
+    B, gamma, V = 3, 4, 700
+    x, q, p = random_case(B, gamma, V, 5)
+    p[1, :gamma] = q[1]  # row 1 accepts everything: its q_n row must not be read
+    with iocount.count() as io:
+        n, _ = speculative_accept(x, q, p, generator=gen(0))
+    rejected = int((n < gamma).sum())
+    assert n[1] == gamma and rejected >= 1
+    assert io.bytes_total == B * (gamma * 20 + 2 * V * 4 + 16) + rejected * V * 4
+    with iocount.count() as io:
+        gumbel_sample(torch.randn(B, V), generator=gen(0))
+    assert io.bytes_total == B * (2 * V * 4 + 8)
+    with iocount.count() as io:
+        gumbel_sample(torch.randn(B, V), temperature=0.0)
+    assert io.bytes_total == B * (V * 4 + 8)  # greedy reads no noise

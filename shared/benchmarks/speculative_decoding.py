@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.device import INTERPRET, gpu_available
 from kernels.sampling import gumbel_sample, speculative_accept
 from shared import bench, iocount, roofline
 from shared.data import train_val_tokens
@@ -38,9 +39,11 @@ class Setup:
 
 def setup(n_prompts: int | None = None, prompt_len: int = 64, n_new: int | None = None) -> Setup:
     """The zoo's target and both drafters; prompts cut from held-out stdlib text."""
-    target, draft = zoo.load("target"), zoo.load("draft")
+    device = "cuda" if gpu_available() else "cpu"
+    target, draft = zoo.load("target").to(device), zoo.load("draft").to(device)
     exit_layer = zoo.RECIPES["target"][1].exit_layer
     _, val = train_val_tokens()
+    val = val.to(device)
     n_prompts = n_prompts or pick(ci=3, full=8)
     stride = len(val) // n_prompts
     prompts = [val[i * stride:i * stride + prompt_len][None] for i in range(n_prompts)]
@@ -53,9 +56,10 @@ def cost_ratio(target, drafter: Drafter, context: int = 128, repeat: int = 40) -
     """c = (one drafter forward) / (one target forward), one token at B = 1 with a KV cache
     holding `context` tokens: the paper's cost coefficient c (§3)."""
     def step(model, n_layers):
-        cache = KVCache(model.config, 1, n_layers=n_layers)
-        cache.set_lengths(torch.tensor([context]))
-        token = torch.tensor([[10]])
+        device = model.lm_head.weight.device
+        cache = KVCache(model.config, 1, n_layers=n_layers, device=device)
+        cache.set_lengths(torch.tensor([context], device=device))
+        token = torch.tensor([[10]], device=device)
         return lambda: model(token, cache=cache, n_layers=n_layers)
 
     with torch.no_grad():
@@ -216,18 +220,22 @@ def memory_bound_c(drafter: Drafter, target) -> float:
 def kernel_traffic(batch: int = 2, gamma: int = 4, vocab: int = 32000) -> dict:
     """Bytes the sampling kernels move at a real vocabulary (Llama 2's 32000), counted in the
     interpreter, next to the analytic count and the bytes of one 7B-parameter fp16 forward."""
+    if not INTERPRET:
+        raise RuntimeError("counting bytes needs Triton's interpreter: set KC_INTERPRET=1")
     g = torch.Generator().manual_seed(0)
     q = torch.softmax(torch.randn(batch, gamma, vocab, generator=g), -1)
     p = torch.softmax(torch.randn(batch, gamma + 1, vocab, generator=g), -1)
     x = torch.multinomial(q.reshape(-1, vocab), 1, generator=g).reshape(batch, gamma)
     with iocount.count() as accept_io:
-        speculative_accept(x, q, p, generator=g)
+        n, _ = speculative_accept(x, q, p, generator=g)
     with iocount.count() as sample_io:
         gumbel_sample(torch.randn(batch, vocab), generator=g)
-    # accept: γ tokens (8 B) + 2γ gathered probs + γ uniforms (4 B); p_n, q_n, u rows (3V · 4 B)
-    # when a draft was rejected; two int64 outputs. Sample: logits + uniforms (2V · 4 B) + out.
-    accept_max = batch * (gamma * (8 + 4 + 4 + 4) + 3 * vocab * 4 + 16)
-    return {"accept_bytes": accept_io.bytes_total, "accept_bytes_max": accept_max,
+    # accept, per row: γ token ids (8 B) + γ gathered p, q and γ uniforms (4 B each); the p_n row
+    # and the uniforms row (2V · 4 B), the q_n row only if a draft was rejected (V · 4 B); two
+    # int64 outputs. Sample: logits + uniforms (2V · 4 B) + one int64 out.
+    rejected = int((n < gamma).sum())
+    accept_model = batch * (gamma * 20 + 2 * vocab * 4 + 16) + rejected * vocab * 4
+    return {"accept_bytes": accept_io.bytes_total, "accept_bytes_model": accept_model,
             "sample_bytes": sample_io.bytes_total, "sample_bytes_model": batch * (8 * vocab + 8),
             "forward_7b_bytes": 7e9 * 2}
 
@@ -256,8 +264,9 @@ def main() -> None:
     side = transformers_side_by_side(s, {n: b["gamma"] for n, b in best.items()})
     for name, r in side.items():
         print(f"{name:42} {r['tokens_per_s']:8.1f} tokens/s  identical={r['identical']}")
-    traffic = kernel_traffic()
-    print(traffic, gpu_prediction(traffic))
+    if INTERPRET:
+        traffic = kernel_traffic()
+        print(traffic, gpu_prediction(traffic))
 
 
 if __name__ == "__main__":

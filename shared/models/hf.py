@@ -60,7 +60,8 @@ def to_hf(model: Llama, *, attn_implementation: str = "sdpa"):
 
     cfg = hf_config(model.config)
     cfg._attn_implementation = attn_implementation
-    hf = LlamaForCausalLM(cfg).to(model.lm_head.weight.dtype)
+    weight = model.lm_head.weight
+    hf = LlamaForCausalLM(cfg).to(device=weight.device, dtype=weight.dtype)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [m for m in missing if "rotary_emb" not in m]
     if missing or unexpected:

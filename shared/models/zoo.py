@@ -10,8 +10,9 @@ nothing for training. Each records the recipe (model + training config) that mad
 recipe here changes, the shipped file no longer matches and ``load`` trains the new recipe once
 into build/models/. Cost on this 2-core CPU (shared with other jobs, one torch thread): target
 35 min, draft 4 min; on an idle machine roughly half. Regenerate the shipped files with
-``python -m shared.models.zoo --ship --threads 1`` (seeded: the same torch version, thread
-count and CPU give the same weights).
+``python -m shared.models.zoo --ship --threads 1``. Training is seeded (tests/test_models.py
+checks that a short run repeats exactly); bitwise-equal weights across machines additionally
+need the same torch version, thread count and CPU kernels.
 """
 
 from __future__ import annotations
