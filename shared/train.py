@@ -10,6 +10,7 @@ loss over time; one fixed exit keeps this small.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -87,8 +88,6 @@ def evaluate(model: Llama, tokens: torch.Tensor, cfg: TrainConfig, n_batches: in
 def train(model: Llama, train_tokens: torch.Tensor, val_tokens: torch.Tensor, cfg: TrainConfig,
           *, progress: bool = True, desc: str = "train") -> TrainResult:
     """AdamW with warm-up + cosine decay and gradient clipping; returns the loss curve."""
-    import time
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     decay = [p for p in model.parameters() if p.ndim >= 2]
