@@ -120,3 +120,26 @@ def test_torchrun_launch_gives_the_reference_loss():
     from shared.parallel.pipeline.worker import DEFAULT_SPEC
     ref_loss, _ = reference(DEFAULT_SPEC, 4 * 2)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
+
+
+def test_emulated_slots_pin_durations_and_change_nothing_else():
+    """A stage with slots computes the same values and gradients, and its forward and backward
+    last at least their slots (sleep_until never returns early)."""
+    import time
+
+    from shared.parallel.pipeline.stages import Slots
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                              ffn_dim=24, max_seq_len=8))
+    plain = split_llama(model, 2)[1]
+    timed = split_llama(model, 2, slots=Slots(f=0.03, b=0.02, w=0.01))[1]
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ref = plain(x)
+    g_ref = torch.autograd.grad(ref.sum(), x)[0]
+    t0 = time.perf_counter()
+    out = timed(x)
+    assert time.perf_counter() - t0 >= 0.03
+    t0 = time.perf_counter()
+    g = torch.autograd.grad(out.sum(), x)[0]
+    assert time.perf_counter() - t0 >= 0.03  # b + w
+    assert torch.equal(out, ref) and torch.equal(g, g_ref)
