@@ -141,7 +141,7 @@ def transformers_side_by_side(s: Setup, gammas: dict[str, int], repeat: int | No
     from shared.models.hf import to_hf
 
     logging.set_verbosity_error()
-    repeat = repeat or pick(ci=2, full=5)
+    repeat = repeat or pick(ci=3, full=5)
     hf_target = to_hf(s.target)
     hf_draft = to_hf(s.drafters["draft model"].model)
     exit_layer = s.drafters["self-draft"].n_layers
