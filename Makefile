@@ -49,6 +49,11 @@ bench: setup
 claims: setup
 	@$(BIN)/kclub claims
 
+# Retrain the tiny models into build/models/ (the labs use the checkpoints shipped in
+# shared/models/checkpoints/; add ARGS=--ship to overwrite those). About 20-40 min on 2 cores.
+models: setup
+	$(BIN)/python -m shared.models.zoo --threads 1 $(ARGS)
+
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
