@@ -186,8 +186,9 @@ def stage_weight_bytes(cfg: LlamaConfig, layers: int) -> int:
 
 
 # Point-to-point bandwidth between neighbouring stages, bytes/s per direction (vendor specs):
-# NVLink 4 on H100 SXM 450 GB/s, NVLink 3 on A100 300 GB/s, a 400 Gb/s InfiniBand NIC 50 GB/s.
-LINKS = {"NVLink (H100)": 450e9, "NVLink (A100)": 300e9, "InfiniBand 400G": 50e9}
+# inside a node over NVLink, across nodes over one InfiniBand NIC per GPU.
+LINKS = {"H100 SXM": {"NVLink 4": 450e9, "InfiniBand NDR 400G": 50e9},
+         "A100 80GB": {"NVLink 3": 300e9, "InfiniBand HDR 200G": 25e9}}
 
 
 def gpu_prediction(hw: str, cfg: LlamaConfig, layers_per_stage: int, microbatch: int,
