@@ -2,19 +2,13 @@
 
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
 from shared.cli import lab_server_argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from shared.parallel.launch import free_port
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -26,7 +20,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 def test_lab_server_requires_token_and_sees_labs(tmp_path):
-    port, token = _free_port(), "kc-test-token"
+    port, token = free_port(), "kc-test-token"
     env = {**os.environ, "JUPYTER_TOKEN": token, "JUPYTER_RUNTIME_DIR": str(tmp_path)}
     server = subprocess.Popen(lab_server_argv(port), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
