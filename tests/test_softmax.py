@@ -137,3 +137,12 @@ def test_xla_versions(fn):
     x[1, :300] = float("-inf")
     x[2] *= 1e4
     assert_close(fn(jnp.asarray(x.numpy())), softmax_reference(x.double()))
+
+
+def test_compiled_fusions_lists_the_reductions():
+    from shared.benchmarks.online_softmax import compiled_fusions
+
+    safe = compiled_fusions(softmax_xla_safe, 64, 256)
+    online = compiled_fusions(softmax_xla_online, 64, 256)
+    assert any("reduce_max" in line for line in safe)
+    assert any("reduce" in line and "kLoop" in line for line in online)

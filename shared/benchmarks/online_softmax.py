@@ -58,6 +58,24 @@ def cpu_wallclock(rows: int, cols: int, repeat: int = 5) -> dict[str, bench.Timi
     }, repeat=repeat)
 
 
+def compiled_fusions(fn, rows: int, cols: int) -> list[str]:
+    """The fusions XLA compiles `fn` into on this backend, one line each: what runs as a
+    library kernel (YNNPACK's `__ynn_fusion` on CPU) and what as a generated loop (kLoop)."""
+    x = jax.ShapeDtypeStruct((rows, cols), jnp.float32)
+    hlo = fn.lower(x).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    lines = []
+    for line in entry.splitlines()[1:]:
+        if " fusion(" not in line:
+            continue
+        name = line.split("=")[0].strip().lstrip("%").removeprefix("ROOT ").lstrip("%")
+        kind = line.split("kind=")[1].split(",")[0]
+        lib = " (YNNPACK)" if "__ynn_fusion" in line else ""
+        op = line.split('op_name="')[1].split('"')[0].split("/")[-1] if "op_name" in line else ""
+        lines.append(f"{name:28s} {kind}{lib:10s} {op}")
+    return lines
+
+
 def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536)) -> list[dict]:
     """On a CUDA GPU: effective bandwidth of each softmax (minimal traffic: one read, one
     write), with a tile of 1024 so long rows take the multi-tile path."""
