@@ -63,8 +63,3 @@ def check_dim(dim: int, ndim: int, name: str = "dim") -> int:
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}={dim} is out of range for a tensor with {ndim} dimensions")
     return dim % ndim
-
-
-def check_positive(value, name: str) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")

@@ -26,7 +26,6 @@ from shared.inference.stats import alpha_needed, best_gamma, expected_tokens, mo
 from shared.models import zoo
 
 GAMMAS = tuple(range(1, 9))
-PAPER_SPEEDUP = (2.0, 3.0)  # Leviathan et al.: 2X-3X (T5-XXL); Chen et al.: 2-2.5x
 
 
 @dataclass
