@@ -41,6 +41,19 @@ def flash_bwd_preprocess_kernel(O, DO, D, seq_q, head_dim,
 
 
 @triton.jit
+def _query_block(Q, DO, LSE, D, bh, offs_m, offs_d, d_ok, seq_q, head_dim):
+    """A block of query rows and what both backward kernels need of them: q, dO, the
+    logsumexp L and D; with their offsets and mask (the dQ kernel stores through them)."""
+    q_ok = (offs_m[:, None] < seq_q) & d_ok[None, :]
+    q_off = bh * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=q_ok, other=0.0)
+    do = tl.load(DO + q_off, mask=q_ok, other=0.0)
+    lse = tl.load(LSE + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+    delta = tl.load(D + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+    return q_off, q_ok, q, do, lse, delta
+
+
+@triton.jit
 def flash_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, D, DK, DV,  # q, do: (B, H, Nq, D); k, v, dk, dv: (B, Hkv, Nk, D)
     group, seq_q, seq_k, head_dim, sm_scale,
@@ -66,12 +79,8 @@ def flash_bwd_dkdv_kernel(
         bh = bh_kv * group + g               # = b * heads + h, h = h_kv * group + g
         for start_m in range(q_start, seq_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_ok = (offs_m[:, None] < seq_q) & d_ok[None, :]
-            q_off = bh * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
-            q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-            do = tl.load(DO + q_off, mask=q_ok, other=0.0)
-            lse = tl.load(LSE + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
-            delta = tl.load(D + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+            _, _, q, do, lse, delta = _query_block(Q, DO, LSE, D, bh, offs_m, offs_d, d_ok,
+                                                   seq_q, head_dim)
             s = tl.dot(q, tl.trans(k)) * (sm_scale * LOG2E_K)    # base 2
             p = tl.exp2(s - lse[:, None] * LOG2E_K)              # P = exp(S − L)
             p = tl.where(attention_mask(offs_m, offs_n, seq_q, seq_k, CAUSAL), p, 0.0)
@@ -96,12 +105,8 @@ def flash_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    q_ok = (offs_m[:, None] < seq_q) & d_ok[None, :]
-    q_off = bh * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=q_ok, other=0.0)
-    do = tl.load(DO + q_off, mask=q_ok, other=0.0)
-    lse = tl.load(LSE + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
-    delta = tl.load(D + bh * seq_q + offs_m, mask=offs_m < seq_q, other=0.0)
+    q_off, q_ok, q, do, lse, delta = _query_block(Q, DO, LSE, D, bh, offs_m, offs_d, d_ok,
+                                                  seq_q, head_dim)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, causal_kv_end(start_m, seq_q, seq_k, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
