@@ -55,10 +55,14 @@ POISON: bool = _flag("KC_POISON", INTERPRET)
 
 
 def pallas_interpret() -> bool:
-    """Pass as `interpret=` to pallas_call: True when JAX has only the CPU."""
+    """Pass as `interpret=` to pallas_call: True when JAX has only the CPU.
+
+    KC_INTERPRET=0 on a CPU machine means "lower for real hardware": pallas_call is then built
+    with interpret=False, so `jax.export(..., platforms=["tpu"])` runs the Mosaic TPU lowering.
+    """
     import jax
 
-    return jax.default_backend() == "cpu"
+    return _flag("KC_INTERPRET", jax.default_backend() == "cpu")
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
