@@ -1,18 +1,29 @@
-"""Timing that can be trusted: warm-up, repeats, median, the device synchronised.
+"""Timing that can be trusted: warm-up, exactly `repeat` timed calls, raw samples kept.
 
-On a GPU, Triton's `do_bench` (CUDA events, L2 flushed between runs); on a CPU, the wall clock
-around each call. Results are records, so labs can print, plot and file them as claims.
-Timings are never test assertions (DESIGN.md): a ratio measured in one run is what we report.
+- Torch on a GPU: CUDA events around each call, L2 flushed before it (as Triton's `do_bench`
+  does), one synchronize after the last call; nothing synchronises inside the timed region.
+- JAX (any device): the wall clock around the call and `jax.block_until_ready` of its output,
+  because JAX's work is async and runs on streams that torch's events do not see.
+- Anything else on a CPU: the wall clock around each call.
+
+`compare` interleaves its contenders round by round, so drift hits them alike, and `ratio`
+turns two of its timings into a median ratio with a bootstrap 95% interval over the paired
+rounds: a timing verdict reads that interval (DESIGN.md, "Measuring honestly").
+Timings are never test assertions.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kernels.device import INTERPRET, gpu_available
+
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 to date (H100: 50 MB), as in do_bench
 
 
 @dataclass(frozen=True)
@@ -22,72 +33,172 @@ class Timing:
     p80_s: float
     repeat: int
     method: str
+    samples: tuple[float, ...] = ()  # seconds, one per timed call, in call order
 
     def __str__(self) -> str:
         return (f"{self.median_s * 1e3:.3f} ms (p20 {self.p20_s * 1e3:.3f}, "
                 f"p80 {self.p80_s * 1e3:.3f}; {self.method})")
 
 
-def _synced(fn: Callable) -> Callable:
-    """Call fn and wait for the device: jax arrays block, CUDA streams synchronise."""
+@dataclass(frozen=True)
+class Ratio:
+    """median(a) / median(b) over paired rounds, with a bootstrap percentile interval."""
+    median: float
+    low: float
+    high: float
+    n: int
+    confidence: float
+    a: tuple[float, ...]
+    b: tuple[float, ...]
 
-    def run():
-        out = fn()
-        if hasattr(out, "block_until_ready"):
-            out.block_until_ready()
-        elif isinstance(out, (tuple, list)):
-            for o in out:
-                if hasattr(o, "block_until_ready"):
-                    o.block_until_ready()
-        if gpu_available():
-            import torch
-
-            torch.cuda.synchronize()
-        return out
-
-    return run
+    def __str__(self) -> str:
+        return (f"{self.median:.3g}x [{self.low:.3g}, {self.high:.3g}] "
+                f"({self.confidence:.0%} bootstrap, {self.n} rounds)")
 
 
-def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     s = sorted(samples)
     q = lambda p: s[min(len(s) - 1, int(p * len(s)))]
     return statistics.median(s), q(0.2), q(0.8)
 
 
-def measure(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> Timing:
-    """Time `fn()` (no arguments: close over the inputs); never time on zeros."""
+def _timing(samples: list[float], method: str) -> Timing:
+    return Timing(*_quantiles(samples), len(samples), method, tuple(samples))
+
+
+def _jax_leaves(out) -> list:
+    """The JAX arrays in a call's output (one array, or a tuple/list/dict of them)."""
+    if hasattr(out, "block_until_ready"):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [leaf for o in out for leaf in _jax_leaves(o)]
+    if isinstance(out, dict):
+        return [leaf for o in out.values() for leaf in _jax_leaves(o)]
+    return []
+
+
+def _block(out) -> None:
+    leaves = _jax_leaves(out)
+    if leaves:
+        import jax
+
+        jax.block_until_ready(leaves)
+
+
+class _Timer:
+    """Times single calls of one function; on a GPU with torch, with CUDA events that are read
+    only after the last call (`samples()`), so no call waits for the device."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+        self.events = gpu_available() and not INTERPRET
+        # Triton's interpreter on a GPU machine: the host clock needs the device finished
+        self.host_sync = gpu_available() and INTERPRET
+        self.jax = False      # set by the first call whose output holds JAX arrays
+        self.wall: list[float] = []
+        self.pairs: list = []
+        if self.events or self.host_sync:
+            import torch
+
+            self.torch = torch
+        if self.events:
+            self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def _call(self) -> None:
+        out = self.fn()
+        self.jax = self.jax or bool(_jax_leaves(out))
+        _block(out)  # JAX is async: its work is done only when its outputs are ready
+        if self.host_sync:
+            self.torch.cuda.synchronize()
+
+    def warm(self) -> None:
+        self._call()
+        if self.events:
+            self.torch.cuda.synchronize()  # outside the timed region: warm-up work finished
+
+    def timed(self) -> None:
+        if self.events:
+            self.flush.zero_()  # cold L2 for every call, queued before the start event
+            start = self.torch.cuda.Event(enable_timing=True)
+            end = self.torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        self._call()
+        self.wall.append(time.perf_counter() - t0)
+        if self.events:
+            end.record()
+            self.pairs.append((start, end))
+
+    def samples(self) -> tuple[list[float], str]:
+        if self.jax:
+            return self.wall, "wall clock, jax.block_until_ready"
+        if self.events:
+            self.torch.cuda.synchronize()  # after the last call: the events have fired
+            return ([s.elapsed_time(e) / 1e3 for s, e in self.pairs],
+                    "CUDA events, L2 flushed")
+        return self.wall, "wall clock"
+
+
+def _check_counts(warmup: int, repeat: int) -> None:
     if warmup < 0 or repeat < 1:
         raise ValueError(f"need warmup >= 0 and repeat >= 1, got {warmup=} {repeat=}")
-    run = _synced(fn)
-    if gpu_available() and not INTERPRET:
-        from triton.testing import do_bench
 
-        med, p20, p80 = do_bench(run, quantiles=[0.5, 0.2, 0.8])
-        return Timing(med / 1e3, p20 / 1e3, p80 / 1e3, repeat, "triton do_bench, CUDA events")
+
+def measure(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> Timing:
+    """Time `fn()` (no arguments: close over the inputs): `warmup` untimed calls, then exactly
+    `repeat` timed ones. Never time on zeros."""
+    _check_counts(warmup, repeat)
+    timer = _Timer(fn)
     for _ in range(warmup):
-        run()
-    samples = []
+        timer.warm()
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t0)
-    return Timing(*_quantiles(samples), repeat, f"wall clock, median of {repeat}")
+        timer.timed()
+    samples, how = timer.samples()
+    return _timing(samples, f"{how}, median of {repeat}")
 
 
 def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
             repeat: int = 10) -> dict[str, Timing]:
-    """Time several functions interleaved round by round, so drift hits them alike."""
+    """Time several functions interleaved round by round, so drift hits them alike; sample i
+    of every timing comes from round i (what `ratio` pairs)."""
     if not fns:
         raise ValueError("fns must name at least one function")
-    runs = {name: _synced(f) for name, f in fns.items()}
+    _check_counts(warmup, repeat)
+    timers = {name: _Timer(f) for name, f in fns.items()}
     for _ in range(warmup):
-        for run in runs.values():
-            run()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+        for t in timers.values():
+            t.warm()
     for _ in range(repeat):
-        for name, run in runs.items():
-            t0 = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - t0)
-    method = f"wall clock, interleaved, median of {repeat}"
-    return {name: Timing(*_quantiles(s), repeat, method) for name, s in samples.items()}
+        for t in timers.values():
+            t.timed()
+    out = {}
+    for name, t in timers.items():
+        samples, how = t.samples()
+        out[name] = _timing(samples, f"{how}, interleaved, median of {repeat}")
+    return out
+
+
+def ratio(a: Timing | Sequence[float], b: Timing | Sequence[float], *, resamples: int = 2000,
+          confidence: float = 0.95, seed: int = 0) -> Ratio:
+    """median(a) / median(b), e.g. `ratio(t["safe"], t["online"])` is online's speed-up.
+
+    a and b are paired round by round (from one `compare`); the interval resamples the rounds
+    with replacement, keeping the pairs, and takes the percentile interval of the resampled
+    ratios. Seeded, so a re-read of the same samples gives the same interval."""
+    xa = np.asarray(a.samples if isinstance(a, Timing) else a, dtype=float)
+    xb = np.asarray(b.samples if isinstance(b, Timing) else b, dtype=float)
+    if xa.ndim != 1 or xa.shape != xb.shape or len(xa) < 2:
+        raise ValueError(f"a and b must hold the same number (>= 2) of paired samples, got "
+                         f"{xa.shape} and {xb.shape} (a Timing from measure/compare keeps them)")
+    if not (np.isfinite(xa).all() and np.isfinite(xb).all() and (xb > 0).all()):
+        raise ValueError("a and b must be finite times, b positive")
+    if resamples < 100:
+        raise ValueError(f"resamples must be >= 100, got {resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    idx = np.random.default_rng(seed).integers(0, len(xa), size=(resamples, len(xa)))
+    boot = np.median(xa[idx], axis=1) / np.median(xb[idx], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return Ratio(float(np.median(xa) / np.median(xb)), float(low), float(high), len(xa),
+                 confidence, tuple(xa.tolist()), tuple(xb.tolist()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -44,12 +45,15 @@ def cmd_run(args) -> int:
     seconds = time.perf_counter() - t0
     executed = out_dir / f"{lab.slug}.ipynb"
     nbformat.write(nb, executed)
-    measured = claims.load(lab.slug)
+    run = claims.latest(lab.slug)  # this run's claims, finished or not
     print(f"\n{lab.title}: {len(code)} code cells in {seconds:.1f} s -> {executed}")
     figures = sorted(p.name for p in out_dir.glob("*.png"))
     print(f"figures: {', '.join(figures) or 'none'}")
-    if measured:
-        print(claims.table(measured))
+    if run:
+        print(claims.table(run.claims))
+        if not run.complete:
+            print(f"claims run {run.run} did not finish (no rec.finish()): the last complete "
+                  "scoreboard of this lab is kept")
     if failed:
         i, err = failed
         print(f"\nFAILED at cell {i}:\n{err}", file=sys.stderr)
@@ -119,13 +123,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_claims(args) -> int:
-    rows = claims.load(args.lab)
-    if not rows:
+    """Each lab's last complete run, grouped by lab; corrupt files are reported and skipped."""
+    runs = claims.load_runs(args.lab)
+    if args.json:
+        print(json.dumps(claims.as_json(runs), indent=1))
+    elif not runs:
         print("no claims yet: run a lab first (kclub run <slug>, or make test)")
-        return 0
-    print(claims.table(rows))
-    held = sum(c.holds for c in rows)
-    print(f"\n{held}/{len(rows)} claims hold")
+    else:
+        print(claims.report(runs))
     return 0
 
 
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     strip.set_defaults(fn=cmd_strip)
     cl = sub.add_parser("claims", help="the claims table from the labs' last runs")
     cl.add_argument("--lab")
+    cl.add_argument("--json", action="store_true", help="the same data as JSON")
     cl.set_defaults(fn=cmd_claims)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
