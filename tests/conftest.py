@@ -1,14 +1,47 @@
-"""Test setup: poisoned kernel outputs, and Triton's interpreter chosen before triton loads."""
+"""Test setup: poisoned kernel outputs, Triton's interpreter chosen before triton loads, and the
+device every kernel test runs on (CUDA when there is a GPU, else the CPU and the interpreter)."""
 
 import os
 
 os.environ.setdefault("KC_POISON", "1")
+# torch and JAX share the GPU in one test process: JAX must not take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import kernels  # noqa: E402,F401,I001  (must precede any import of triton)
-from hypothesis import HealthCheck, settings  # noqa: E402,I001
+import pytest  # noqa: E402
 
-settings.register_profile(
-    "kc", deadline=None, max_examples=10, derandomize=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.load_profile("kc")
+from kernels.device import INTERPRET  # noqa: E402
+from shared.check import kernel_device  # noqa: E402
+
+try:  # the GPU check runs this suite on machines that may lack hypothesis
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    pass
+else:
+    settings.register_profile(
+        "kc", deadline=None, max_examples=10, derandomize=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.load_profile("kc")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter: counts memory traffic, which only Triton's interpreter sees")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Byte counting (shared.iocount) reads the interpreter's loads and stores; compiled
+    kernels on a GPU have none to read. Such tests run wherever the interpreter does."""
+    if INTERPRET:
+        return
+    skip = pytest.mark.skip(reason="counts bytes in Triton's interpreter (KC_INTERPRET=1 runs it)")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """"cuda" when a GPU is there and Triton is not forced into its interpreter, else "cpu"."""
+    return kernel_device()
