@@ -16,14 +16,16 @@ from kernels.softmax import (
     softmax_xla_safe,
 )
 from shared import iocount
-from shared.check import assert_close, fresh_seed
+from shared.check import assert_close, fresh_seed, kernel_device, kernel_dtypes
 
 TRITON = [softmax, safe_softmax]
+DTYPES = kernel_dtypes(kernel_device())   # bf16 only on CUDA (see shared.check)
 
 
-def _inputs(shape, dtype, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * scale).to(dtype)
+def _inputs(shape, dtype, seed, scale=3.0, device="cpu"):
+    """Random inputs on `device` (the Triton tests pass theirs; JAX takes host arrays)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
 
 
 @pytest.mark.parametrize("fn", TRITON, ids=lambda f: f.__name__)
@@ -34,18 +36,18 @@ def _inputs(shape, dtype, seed, scale=3.0):
     ((3, 4100), -1, None),   # default block: two tiles of 4096
     ((19, 50), -1, None),    # the row fits one tile: read once
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_triton_matches_reference(fn, shape, dim, block, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_matches_reference(fn, shape, dim, block, dtype, device):
     seed = fresh_seed()
-    x = _inputs(shape, dtype, seed)
+    x = _inputs(shape, dtype, seed, device=device)
     out = fn(x, dim, block_size=block)
     assert out.dtype == dtype and out.shape == x.shape
     assert_close(out, softmax_reference(x.double(), dim), what=f"{fn.__name__} seed={seed}")
 
 
 @pytest.mark.parametrize("fn", TRITON, ids=lambda f: f.__name__)
-def test_extreme_values(fn):
-    x = _inputs((6, 300), torch.float32, fresh_seed())
+def test_extreme_values(fn, device):
+    x = _inputs((6, 300), torch.float32, fresh_seed(), device=device)
     x[0] = float("-inf")                 # no defined softmax: NaN, as torch
     x[1, :200] = float("-inf")           # the first tiles are all −inf: no NaN may leak
     x[2] *= 1e4                          # exp would overflow without the max
@@ -55,13 +57,14 @@ def test_extreme_values(fn):
     out = fn(x, block_size=64)
     assert torch.isnan(out[0]).all()
     assert_close(out[1:], ref[1:], what=fn.__name__)
-    assert torch.allclose(out[1:].double().sum(-1), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(out[1:].double().sum(-1), torch.ones(5, dtype=torch.float64,
+                                                               device=device))
 
 
 @given(rows=st.integers(1, 40), cols=st.integers(1, 700), block=st.sampled_from([16, 64, 256]),
        scale=st.floats(0.01, 100.0), seed=st.integers(0, 2**31))
-def test_online_property(rows, cols, block, scale, seed):
-    x = _inputs((rows, cols), torch.float32, seed, scale)
+def test_online_property(rows, cols, block, scale, seed, device):
+    x = _inputs((rows, cols), torch.float32, seed, scale, device)
     y = softmax(x, block_size=block)
     assert_close(y, softmax_reference(x.double()))
     # softmax is invariant to adding a constant to the row
@@ -89,19 +92,20 @@ def test_pallas_extremes():
     assert_close(out, softmax_reference(x.double()))
 
 
-def test_gradient():
-    x = _inputs((7, 130), torch.float64, fresh_seed()).float().requires_grad_()
-    dy = torch.randn(7, 130)
+def test_gradient(device):
+    x = _inputs((7, 130), torch.float64, fresh_seed(), device=device).float().requires_grad_()
+    dy = torch.randn(7, 130, device=device)
     softmax(x, block_size=32).backward(dy)
     xr = x.detach().double().requires_grad_()
     softmax_reference(xr).backward(dy.double())
     assert_close(x.grad, xr.grad)
 
 
-def test_memory_accesses_per_element():
+@pytest.mark.interpreter
+def test_memory_accesses_per_element(device):
     """The paper's claim, counted: safe 4 accesses per element, online 3, one tile 2."""
     rows, cols = 8, 1024
-    x = _inputs((rows, cols), torch.float32, fresh_seed())
+    x = _inputs((rows, cols), torch.float32, fresh_seed(), device=device)
     per_element = {}
     for name, fn, block in [("safe", safe_softmax, 128), ("online", softmax, 128),
                             ("one tile", softmax, 1024)]:
@@ -112,14 +116,17 @@ def test_memory_accesses_per_element():
     assert per_element == {"safe": 4.0, "online": 3.0, "one tile": 2.0}
 
 
+DEV = kernel_device()
+
+
 @pytest.mark.parametrize("bad,err,match", [
     (lambda: softmax([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
-    (lambda: softmax(torch.tensor(1.0)), ValueError, "at least 1 dimension"),
-    (lambda: softmax(torch.empty(3, 0)), ValueError, "x is empty"),
-    (lambda: softmax(torch.ones(3, dtype=torch.int32)), TypeError, "x must have dtype"),
-    (lambda: softmax(torch.ones(3, 4), dim=2), ValueError, "dim=2 is out of range"),
-    (lambda: softmax(torch.ones(3, 4), block_size=24), ValueError, "block_size"),
-    (lambda: safe_softmax(torch.ones(3, 4, dtype=torch.bfloat16)), TypeError, "bfloat16"),
+    (lambda: softmax(torch.tensor(1.0, device=DEV)), ValueError, "at least 1 dimension"),
+    (lambda: softmax(torch.empty(3, 0, device=DEV)), ValueError, "x is empty"),
+    (lambda: softmax(torch.ones(3, dtype=torch.int32, device=DEV)), TypeError,
+     "x must have dtype"),
+    (lambda: softmax(torch.ones(3, 4, device=DEV), dim=2), ValueError, "dim=2 is out of range"),
+    (lambda: softmax(torch.ones(3, 4, device=DEV), block_size=24), ValueError, "block_size"),
     (lambda: softmax_pallas(np.ones(3)), TypeError, "x must be a jax.Array"),
     (lambda: softmax_pallas(jnp.ones((3,), jnp.int32)), TypeError, "dtype"),
     (lambda: softmax_pallas(jnp.ones((3, 4)), axis=-3), ValueError, "axis=-3"),
@@ -129,6 +136,17 @@ def test_memory_accesses_per_element():
 def test_bad_input(bad, err, match):
     with pytest.raises(err, match=match):
         bad()
+
+
+@pytest.mark.parametrize("fn", TRITON, ids=lambda f: f.__name__)
+def test_bf16_runs_only_where_it_is_computed_right(fn, device):
+    """The interpreter computes bf16 on the raw bits: refused there; computed on a GPU."""
+    x = _inputs((4, 50), torch.bfloat16, fresh_seed(), device=device)
+    if torch.bfloat16 in DTYPES:
+        assert_close(fn(x), softmax_reference(x.double()), what=f"{fn.__name__} bf16")
+    else:
+        with pytest.raises(TypeError, match="bfloat16"):
+            fn(x)
 
 
 @pytest.mark.parametrize("fn", [softmax_xla_online, softmax_xla_safe], ids=lambda f: f.__name__)
