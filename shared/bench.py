@@ -85,12 +85,21 @@ def _block(out) -> None:
         jax.block_until_ready(leaves)
 
 
+def _flush_buffer():
+    """What `zero_()` before each call writes to evict L2 (one per measure/compare call)."""
+    if gpu_available() and not INTERPRET:
+        import torch
+
+        return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    return None
+
+
 class _Timer:
     """Times single calls of one function; on a GPU with torch, with CUDA events that are read
     only after the last call (`samples()`), so no call waits for the device."""
 
-    def __init__(self, fn: Callable[[], object]):
-        self.fn = fn
+    def __init__(self, fn: Callable[[], object], flush=None):
+        self.fn, self.flush = fn, flush
         self.events = gpu_available() and not INTERPRET
         # Triton's interpreter on a GPU machine: the host clock needs the device finished
         self.host_sync = gpu_available() and INTERPRET
@@ -101,8 +110,6 @@ class _Timer:
             import torch
 
             self.torch = torch
-        if self.events:
-            self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
     def _call(self) -> None:
         out = self.fn()
@@ -117,7 +124,8 @@ class _Timer:
             self.torch.cuda.synchronize()  # outside the timed region: warm-up work finished
 
     def timed(self) -> None:
-        if self.events:
+        events = self.events and not self.jax  # JAX runs on its own streams: wall clock only
+        if events:
             self.flush.zero_()  # cold L2 for every call, queued before the start event
             start = self.torch.cuda.Event(enable_timing=True)
             end = self.torch.cuda.Event(enable_timing=True)
@@ -125,7 +133,7 @@ class _Timer:
         t0 = time.perf_counter()
         self._call()
         self.wall.append(time.perf_counter() - t0)
-        if self.events:
+        if events:
             end.record()
             self.pairs.append((start, end))
 
@@ -148,7 +156,7 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> T
     """Time `fn()` (no arguments: close over the inputs): `warmup` untimed calls, then exactly
     `repeat` timed ones. Never time on zeros."""
     _check_counts(warmup, repeat)
-    timer = _Timer(fn)
+    timer = _Timer(fn, _flush_buffer())
     for _ in range(warmup):
         timer.warm()
     for _ in range(repeat):
@@ -164,7 +172,8 @@ def compare(fns: dict[str, Callable[[], object]], *, warmup: int = 1,
     if not fns:
         raise ValueError("fns must name at least one function")
     _check_counts(warmup, repeat)
-    timers = {name: _Timer(f) for name, f in fns.items()}
+    flush = _flush_buffer()
+    timers = {name: _Timer(f, flush) for name, f in fns.items()}
     for _ in range(warmup):
         for t in timers.values():
             t.warm()

@@ -330,7 +330,8 @@ def load_runs(lab: str | None = None) -> list[Run]:
             runs.append(_read(p))
         except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             print(f"claims: skipping {p}: {type(e).__name__}: {e}", file=sys.stderr)
-    return sorted(runs, key=lambda r: (r.lab, r.started))
+    # A running file is always the lab's newest run: each Recorder overwrites it, finish moves it.
+    return sorted(runs, key=lambda r: (r.lab, not r.complete))
 
 
 def load(lab: str | None = None) -> list[Claim]:
@@ -386,7 +387,7 @@ def report(runs: list[Run]) -> str:
     lines = [table(c for r in complete for c in r.claims)] if complete else []
     done = {r.lab: r for r in complete}
     for r in runs:
-        if not r.complete and (r.lab not in done or r.started > done[r.lab].started):
+        if not r.complete:
             shown = (f"the table shows run {done[r.lab].run}, finished {done[r.lab].finished}"
                      if r.lab in done else "no complete run to show")
             lines.append(f"{r.lab}: a newer run {r.run} (started {r.started}) is in progress "

@@ -1,4 +1,4 @@
-"""The plumbing: check, bench, roofline, claims, device, plot."""
+"""The plumbing: check, roofline, device, plot (bench and claims: test_bench, test_claims)."""
 
 import math
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.device import POISON, new_output
-from shared import bench, check, claims, device, plot, roofline
+from shared import check, device, plot, roofline
 
 
 def test_rel_error_basics():
@@ -53,16 +53,6 @@ def test_seeds(monkeypatch):
     assert torch.equal(a, torch.rand(3))
 
 
-def test_bench_measure_and_compare():
-    t = bench.measure(lambda: sum(range(1000)), warmup=1, repeat=5)
-    assert 0 < t.p20_s <= t.median_s <= t.p80_s and t.repeat == 5 and "wall clock" in t.method
-    res = bench.compare({"short": lambda: sum(range(100)), "long": lambda: sum(range(10**5))},
-                        repeat=5)
-    assert set(res) == {"short", "long"}
-    with pytest.raises(ValueError):
-        bench.measure(lambda: None, repeat=0)
-
-
 def test_roofline_predict():
     h100 = roofline.HARDWARE["H100 SXM"]
     p = roofline.predict(1e12, 1e9, h100, "fp16")   # intensity 1000 > ridge ≈ 295: compute
@@ -85,29 +75,6 @@ def test_this_cpu_measured(tmp_path, monkeypatch):
     assert roofline.predict(1e9, 1e9, "this CPU", "fp32").hardware == "this CPU"
     with pytest.raises(ValueError, match="hw must be one of"):
         roofline.hardware("B200")
-
-
-def test_claims_roundtrip(tmp_path, monkeypatch):
-    monkeypatch.setenv("KC_BUILD", str(tmp_path))
-    rec = claims.Recorder("demo")
-    rec.record("accesses", 3.0, unit="per element", paper=3, predicted=3, holds=True,
-               method="iocount")
-    rec.record("accesses", 3.0, unit="per element", holds=True, method="iocount, again")
-    rec.record("speed-up", 1.2, unit="x", paper=1.3, holds=False, method="wall clock")
-    rows = claims.load("demo")
-    assert [c.name for c in rows] == ["accesses", "speed-up"]
-    assert rows[0].method == "iocount, again" and rows[1].holds is False
-    assert "| demo | speed-up | 1.2 |" in claims.table(rows)
-    rec = claims.Recorder("demo")  # a new run starts afresh
-    assert claims.load("demo") == []
-    with pytest.raises(TypeError, match="holds must be a bool, got builtins.int"):
-        rec.record("x", 1, unit="", holds=1, method="m")
-    with pytest.raises(ValueError, match="NaN"):
-        rec.record("x", float("nan"), unit="", holds=True, method="m")
-    with pytest.raises(ValueError, match="lab"):
-        claims.Recorder("a/b")
-    assert rec.record("np", 1, unit="", holds=np.float64(2) > 1, method="m").holds is True
-    assert [c.name for c in claims.load("demo")] == ["np"]
 
 
 def test_scale(monkeypatch):
