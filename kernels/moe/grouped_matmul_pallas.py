@@ -11,6 +11,11 @@ TPU port; Gale et al. 2023 §5). Its length has the static bound cdiv(M, tm) + E
 Backward (a custom_vjp, since jax.grad cannot see through pallas_call): dx = grouped(dy, wᵀ)
 with the same kernel, dw[g] = x[rows of g]ᵀ · dy[rows of g] with a second kernel whose output
 block (one expert's [K, tn]) accumulates over that expert's visits. K is kept whole in a block.
+
+TPU only. Both kernels carry an output block from one visit to the next, so the visit axis is
+"arbitrary" (in order, on one core) and the column axis "parallel" (kernels/tpu_lowering.py).
+Pallas's GPU (Triton) lowering has neither scalar prefetch nor ordered grid axes, so on a GPU
+this function refuses to run: use `grouped_matmul` (Triton) or jax.lax.ragged_dot there.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
 from kernels.moe._args import grouped_shape
+from kernels.tpu_lowering import compiler_params, pallas_target
+
+# grid (column tiles, visits): a tile's or an expert's output block is revisited in order
+_SEMANTICS = ("parallel", "arbitrary")
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,7 @@ def _gmm(x, w, group_sizes, blocks: PallasBlocks):
         functools.partial(_gmm_kernel, tm=tm, num_groups=E),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((xp.shape[0], wp.shape[2]), x.dtype),
-        interpret=pallas_interpret(),
+        interpret=pallas_interpret(), compiler_params=compiler_params("tpu", _SEMANTICS),
     )(gids, tiles, offsets, valid, xp, wp)
     return out[:M, :N]
 
@@ -152,7 +161,7 @@ def _dw(x, dy, group_sizes, blocks: PallasBlocks):
         functools.partial(_dw_kernel, tm=tm),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((E, K, dyp.shape[1]), jnp.float32),  # fp32 accumulator
-        interpret=pallas_interpret(),
+        interpret=pallas_interpret(), compiler_params=compiler_params("tpu", _SEMANTICS),
     )(gids, tiles, offsets, valid, xp, dyp)
     return dw[:, :, :N].astype(x.dtype)
 
@@ -187,6 +196,11 @@ def grouped_matmul_pallas(x, w, group_sizes, *, blocks: PallasBlocks | None = No
     Same contract as jax.lax.ragged_dot; differentiable in x and w (custom_vjp, Pallas backward).
     Group sizes must be non-negative and sum to at most M (checked when they are concrete).
     """
+    if pallas_target() != "tpu":
+        raise NotImplementedError(
+            "grouped_matmul_pallas is a TPU kernel: Pallas's Triton (GPU) lowering has no scalar "
+            "prefetch and runs every grid axis in parallel; use kernels.moe.grouped_matmul or "
+            "jax.lax.ragged_dot on a GPU")
     shape = grouped_shape(x, w, group_sizes)
     if not isinstance(group_sizes, jax.core.Tracer):
         total = int(jnp.sum(group_sizes))

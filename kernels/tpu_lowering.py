@@ -1,0 +1,140 @@
+"""Pallas on the real hardware: compiler params per backend, and TPU lowering checked from a CPU.
+
+Interpret mode accepts any kernel; the compilers do not (CPU-NOTES.md). Two facts shape this file:
+- One `pallas_call` takes one backend's compiler params. On a GPU, jax >= 0.10 sends a call with
+  none to Mosaic GPU (Hopper only), while our kernels are written for the Triton lowering, so the
+  Triton params are passed explicitly there; on a TPU the Mosaic params say which grid axes may
+  run in parallel ("parallel") and which carry state from step to step ("arbitrary").
+- `jax.export(..., platforms=["tpu"])` runs the Pallas TPU (Mosaic) lowering on a CPU machine,
+  block-shape rules included; `lower_for_tpu` wraps it and adds the VMEM each kernel's blocks need.
+  Mosaic's own layout passes run later, inside the TPU compiler: lowering is necessary, not
+  sufficient, for a kernel to compile on a TPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+from jax._src.pallas.core import get_block_size  # BlockDim -> int; not re-exported publicly
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from kernels.device import pallas_interpret
+
+TARGETS = ("tpu", "gpu")
+# TPU v5e: 128 MiB of VMEM, of which XLA lets one kernel use a scoped 16 MiB by default
+# (--xla_tpu_scoped_vmem_limit_kib; v6e's default is 32 MiB). The smallest default is the budget.
+VMEM_BUDGET_BYTES = 16 * 2**20
+VMEM_BUDGET_NAME = "TPU v5e scoped VMEM default (16 MiB)"
+
+
+def pallas_target() -> str:
+    """The hardware the Pallas kernels lay themselves out for: "tpu" or "gpu".
+
+    A GPU backend means "gpu"; anything else "tpu" (on a CPU, interpret mode then checks the TPU
+    layout, and the only real lowering reachable from a CPU without jaxlib's CUDA plugin is the TPU
+    one). KC_PALLAS_TARGET=gpu|tpu overrides it, so tests run the GPU variants in interpret mode.
+    """
+    chosen = os.environ.get("KC_PALLAS_TARGET", "").strip().lower()
+    if chosen:
+        if chosen not in TARGETS:
+            raise ValueError(f"KC_PALLAS_TARGET must be one of {TARGETS}, got {chosen!r}")
+        return chosen
+    return "gpu" if jax.default_backend() == "gpu" else "tpu"
+
+
+def compiler_params(target: str, semantics: tuple[str, ...], *, num_warps: int = 4,
+                    num_stages: int = 2):
+    """The compiler params of one pallas_call for `target`.
+
+    semantics: per grid axis, "parallel" or "arbitrary" (Mosaic TPU: an "arbitrary" axis runs in
+    order on one core, so an output block may accumulate across it). The Triton lowering runs
+    every grid axis in parallel and has no such switch: a kernel that accumulates across steps
+    must loop inside its body on a GPU. num_warps, num_stages: the Triton launch (GPU only).
+    """
+    if target == "tpu":
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    if target == "gpu":
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def check_gpu_blocks(target: str, **blocks: int) -> None:
+    """The Triton lowering loads and stores only power-of-two-sized arrays: check block dims."""
+    if target != "gpu":
+        return
+    for name, size in blocks.items():
+        if size < 1 or size & (size - 1):
+            raise ValueError(f"{name}={size} must be a power of two for the GPU (Triton) lowering")
+
+
+def _subjaxprs(value):
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        yield value.jaxpr
+    elif isinstance(value, jax.extend.core.Jaxpr):
+        yield value
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _subjaxprs(item)
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for value in eqn.params.values():
+            for sub in _subjaxprs(value):
+                yield from _pallas_calls(sub)
+
+
+def vmem_blocks(fn, *args) -> list[dict]:
+    """Per pallas_call in `fn(*args)`: its grid and the VMEM its blocks occupy.
+
+    block_bytes sums block_shape × itemsize over the grid mapping's block mappings (inputs and
+    outputs; a squeezed dim counts 1). The TPU pipeline keeps two buffers per block, the one in
+    use and the next one being copied in (double-buffering), so vmem_bytes = 2 × block_bytes.
+    Scalar-prefetch operands live in SMEM and are not counted.
+    """
+    calls = []
+    for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+        mapping = eqn.params["grid_mapping"]
+        block_bytes = sum(
+            math.prod(get_block_size(d) for d in bm.block_shape) * bm.array_aval.dtype.itemsize
+            for bm in mapping.block_mappings)
+        calls.append({"kernel": eqn.params.get("name") or "pallas_call",
+                      "grid": tuple(mapping.grid), "block_bytes": block_bytes,
+                      "vmem_bytes": 2 * block_bytes})
+    return calls
+
+
+def lower_for_tpu(fn, *args, name: str) -> dict:
+    """Lower `fn(*args)` (args: jax.ShapeDtypeStruct) for TPU with jax.export; return a record.
+
+    The record: name, target "tpu", status ("ok" or the error text), tpu_custom_call (whether a
+    Mosaic kernel is in the module: a pallas_call built for interpret mode lowers to plain HLO
+    instead), pallas_calls (vmem_blocks), vmem_bytes (the largest call: calls run one at a time),
+    the VMEM budget and whether it fits. Needs KC_INTERPRET=0 in the environment.
+    """
+    if pallas_interpret():
+        raise RuntimeError(
+            "lower_for_tpu needs the kernels built for real hardware, but pallas_interpret() is "
+            "True: set KC_INTERPRET=0 in the environment of a fresh process (interpret-mode "
+            "pallas_calls lower to plain HLO, so nothing of the TPU lowering would be checked)")
+    if pallas_target() != "tpu":
+        raise RuntimeError(f"lower_for_tpu needs pallas_target() == 'tpu', got "
+                           f"{pallas_target()!r}: unset KC_PALLAS_TARGET")
+    record = {"name": name, "target": "tpu", "status": "ok", "tpu_custom_call": False,
+              "pallas_calls": [], "vmem_bytes": 0, "vmem_budget_bytes": VMEM_BUDGET_BYTES,
+              "vmem_budget": VMEM_BUDGET_NAME, "fits_vmem": True}
+    try:
+        exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    except Exception as err:  # the record carries the lowering's own message
+        record["status"] = f"{type(err).__name__}: {err}"
+        return record
+    record["tpu_custom_call"] = "tpu_custom_call" in exported.mlir_module()
+    record["pallas_calls"] = vmem_blocks(fn, *args)
+    record["vmem_bytes"] = max((c["vmem_bytes"] for c in record["pallas_calls"]), default=0)
+    record["fits_vmem"] = record["vmem_bytes"] <= VMEM_BUDGET_BYTES
+    return record
