@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
+from shared.parallel.pipeline import make_schedule
 from shared.parallel.pipeline.comms import P2P
 from shared.parallel.pipeline.worker import Job, ModelSpec, pipeline_worker
 
@@ -25,10 +26,14 @@ def test_a_failing_rank_ends_the_run_with_its_error():
 
 
 def _wait_for_silent_peer():
-    """Rank 0 waits for a message rank 1 never sends (rank 1 hangs)."""
+    """GPipe on 2 ranks, 1 microbatch: rank 0 runs F, sends, then waits in BW for the gradient
+    rank 1 never sends (rank 1 hangs)."""
     if dist.get_rank() == 1:
         time.sleep(600)
-    P2P(1, 2, timeout_s=2.0).recv(torch.zeros(3), src=1, tag=0)
+    comm = P2P(make_schedule("gpipe", 2, 1), 0, torch.zeros(3), timeout_s=2.0)
+    comm.start()
+    comm.finish(0, torch.ones(3))  # F(0)'s activation, and BW(0)'s receive posted
+    comm.recv(1)
 
 
 def test_a_hung_rank_times_out_instead_of_hanging():

@@ -57,6 +57,31 @@ def test_every_schedule_trains_like_one_process():
                 assert run.peak_stashed == min(P - r, m)
 
 
+def test_sends_are_released_and_the_nccl_ordering_runs_on_gloo():
+    """comms.P2P drops a send once the peer is known to have posted its receive, so the send
+    buffers a 1F1B (or ZB-H1) rank holds between actions do not grow with m; GPipe, which
+    hears nothing back until its backwards, holds ~m (the counter does see growth).
+    lookahead=0 is the order the runtime uses under NCCL (receive posted with the send, never
+    ahead of it): here it runs on gloo and must give the same loss."""
+    jobs = [Job("ours", sched, m, chunks=c, microbatch_size=1, lookahead=la)
+            for sched, c, la in (("1f1b", 1, 0), ("1f1b", 1, 1), ("zb-h1", 1, 0),
+                                 ("interleaved-1f1b", 2, 0), ("gpipe", 1, 1))
+            for m in (4, 16)]
+    results = launch.spawn(pipeline_worker, P, SPEC, jobs, timeout_s=300)
+    ref = {m: reference(SPEC, m)[0] for m in (4, 16)}
+    peaks = {}
+    for j, job in enumerate(jobs):
+        recs = [results[r][j][0] for r in range(P)]
+        (loss,) = [rec["loss"] for rec in recs if rec["loss"] is not None]
+        assert loss == pytest.approx(ref[job.num_microbatches], rel=1e-5), job
+        peaks[job.schedule, job.lookahead, job.num_microbatches] = [
+            rec["run"].peak_sends for rec in recs]
+    for key in (("1f1b", 0), ("1f1b", 1), ("zb-h1", 0)):
+        assert peaks[(*key, 16)] == peaks[(*key, 4)], (key, peaks)
+        assert max(peaks[(*key, 16)]) <= P, (key, peaks)
+    assert min(peaks["gpipe", 1, 16]) >= 16 - 2 > max(peaks["gpipe", 1, 4]), peaks
+
+
 @settings(max_examples=4)
 @given(n_stages=st.sampled_from([2, 4]), batch=st.integers(1, 3), seq=st.integers(2, 9))
 def test_split_backward_matches_autograd(n_stages, batch, seq):

@@ -9,6 +9,8 @@ For each action of this rank, in order (schedules.py):
             parameter gradients accumulate in .grad.
   B / W:    the two halves of BW (backward.py): B sends dL/d(input) at once, W comes later.
 Each action's start and end are recorded (after its receive, so waiting counts as bubble).
+When an action ends, its send and a later action's receive go out in one batch (comms.py: what
+keeps NCCL from deadlocking); on a GPU nothing synchronizes the device until the run ends.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
-from shared.parallel.pipeline.comms import ACTIVATION, GRADIENT, P2P
+from shared.parallel.pipeline.comms import P2P
 from shared.parallel.pipeline.schedules import Action, Schedule
 from shared.parallel.pipeline.stages import Stage, sleep_until
 
@@ -34,16 +36,36 @@ class RankRun:
     peak_stashed: int  # most microbatch-chunks held for a backward at once
     peak_stashed_bytes: int  # their saved activations, at the moment of the peak bytes
     stash_bytes: list[int]  # saved activation bytes of each stashed forward, in order
+    peak_sends: int  # most send buffers held between actions (comms.P2P releases the rest)
 
 
-def _source(schedule: Schedule, rank: int, a: Action, comm: P2P) -> tuple[int, int] | None:
-    """(source rank, tag) of the message `a` waits for, if any."""
-    s, last = schedule.stage(rank, a.chunk), schedule.num_virtual - 1
-    if a.kind == "F" and s > 0:
-        return schedule.place(s - 1)[0], comm.tag(ACTIVATION, a.mb, s)
-    if a.kind in ("B", "BW") and s < last:
-        return schedule.place(s + 1)[0], comm.tag(GRADIENT, a.mb, s)
-    return None
+class _Clock:
+    """Action edges in seconds since t0. On a GPU, kernels run behind the host: a CUDA event
+    recorded on the stream marks an edge where the device reaches it, and all are read once,
+    after the run, so nothing synchronizes the device mid-schedule (the host keeps queueing
+    work ahead of the GPU)."""
+
+    def __init__(self, like: torch.Tensor, t0: float):
+        self.cuda, self.t0 = like.is_cuda, t0
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+            self.origin_s = time.perf_counter() - t0
+
+    def now(self):
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def seconds(self, spans: list) -> list[tuple[Action, float, float]]:
+        if not self.cuda:
+            return spans
+        if spans:  # events complete in stream order: the last one waits for all
+            spans[-1][2].synchronize()
+        return [(a, self.origin_s + self.origin.elapsed_time(s) / 1e3,
+                 self.origin_s + self.origin.elapsed_time(e) / 1e3) for a, s, e in spans]
 
 
 class _SavedBytes:
@@ -62,33 +84,28 @@ class _SavedBytes:
 
 def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                  microbatches: list[tuple[torch.Tensor, torch.Tensor]], *,
-                 hidden: torch.Tensor, comm: P2P, t0: float) -> RankRun:
+                 comm: P2P, t0: float) -> RankRun:
     """Execute ``schedule.ranks[rank]``. `stages[c]` is this rank's chunk c; `microbatches`
-    are (tokens [b, T], targets [b, T]); `hidden` is a tensor shaped like one activation
-    [b, T, D] (the receive buffers' template)."""
+    are (tokens [b, T], targets [b, T]); `comm` carries this rank's messages."""
     m, last = schedule.num_microbatches, schedule.num_virtual - 1
     stash: dict[tuple[int, int], tuple] = {}  # (mb, chunk) -> (input, output, saved bytes)
     weight_jobs: dict[tuple[int, int], object] = {}  # B/W splits awaiting their W
     split_backward = {(a.mb, a.chunk) for a in schedule.ranks[rank] if a.kind == "B"}
     spans, sizes = [], []
     chunk_bytes: dict[int, int] = {}  # saved activation bytes of one microbatch, per chunk
-    loss_sum, peak, peak_bytes = 0.0, 0, 0
-    # On a GPU, kernels run behind the CPU: wait for them at each action's edges so the spans
-    # are the device's (costs the CPU/GPU overlap; CUDA events would keep it).
-    sync = torch.cuda.synchronize if hidden.is_cuda else (lambda: None)
+    loss_sum, peak, peak_bytes = None, 0, 0  # the loss stays on the device until the end
+    clock = _Clock(comm.like, t0)
     actions = schedule.ranks[rank]
+    comm.start()
     for i, a in enumerate(actions):
-        for nxt in actions[i:i + 2]:  # this action's input and the next one's, posted early
-            if (src := _source(schedule, rank, nxt, comm)) is not None:
-                comm.post(hidden, *src)
         s = schedule.stage(rank, a.chunk)
         stage = stages[a.chunk]
         params = list(stage.parameters())
+        send = None
         if a.kind == "F":
-            x = (microbatches[a.mb][0] if s == 0 else
-                 comm.recv(hidden, *_source(schedule, rank, a, comm)))
-            sync()
-            start = time.perf_counter()
+            x = microbatches[a.mb][0] if s == 0 else comm.recv(i)
+            start = clock.now()
+            t_start = time.perf_counter()
             if s > 0:
                 x.requires_grad_()
             # Every microbatch of a chunk saves the same tensors: count them on the first
@@ -100,7 +117,7 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 if s == last:
                     targets = microbatches[a.mb][1]
                     out = F.cross_entropy(out.flatten(0, 1), targets.flatten()) / m
-                    loss_sum += out.item()
+                    loss_sum = out.detach() if loss_sum is None else loss_sum + out.detach()
             if saved:
                 chunk_bytes[a.chunk] = sum(saved.seen.values())
             nbytes = chunk_bytes[a.chunk]
@@ -109,39 +126,36 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
             if (a.mb, a.chunk) in split_backward:  # B and W follow: cut the graph now
                 weight_jobs[a.mb, a.chunk] = split_plan(out, inp, params)
             if stage.slots is not None:  # the emulated forward ends here, then we send
-                sleep_until(start + stage.slots.f)
+                sleep_until(t_start + stage.slots.f)
             peak = max(peak, len(stash))
             peak_bytes = max(peak_bytes, sum(v[2] for v in stash.values()))
-            if s < last:
-                comm.send(out.detach(), schedule.place(s + 1)[0],
-                          comm.tag(ACTIVATION, a.mb, s + 1))
+            send = out.detach() if s < last else None
         elif a.kind in ("B", "BW"):
             inp, out, _ = stash[a.mb, a.chunk]
-            g = (None if s == last else comm.recv(hidden, *_source(schedule, rank, a, comm)))
-            sync()
-            start = time.perf_counter()
+            g = comm.recv(i)  # None on the last stage: out is the loss
+            start = clock.now()
             if stage.slots is not None:  # the emulated backward counts from here
                 stage.slots.backward = stage.slots.b + (stage.slots.w if a.kind == "BW" else 0)
-                stage.slots.t_backward = start
+                stage.slots.t_backward = time.perf_counter()
             if a.kind == "BW":
                 inputs = params + ([inp] if s > 0 else [])
                 torch.autograd.backward(out, g, inputs=inputs)
-                grad_in = inp.grad if s > 0 else None
+                send = inp.grad if s > 0 else None
                 del stash[a.mb, a.chunk]
             else:
                 grad_in = backward_input(weight_jobs[a.mb, a.chunk], g)
-            if s > 0:
-                comm.send(grad_in, schedule.place(s - 1)[0], comm.tag(GRADIENT, a.mb, s - 1))
+                send = grad_in if s > 0 else None
         elif a.kind == "W":
-            start = time.perf_counter()
+            start = clock.now()
+            t_start = time.perf_counter()
             backward_weight(weight_jobs.pop((a.mb, a.chunk)))
             del stash[a.mb, a.chunk]
             if stage.slots is not None:
-                sleep_until(start + stage.slots.w)
+                sleep_until(t_start + stage.slots.w)
         else:
             raise ValueError(f"rank {rank}: unknown action {a!r}")
-        sync()
-        spans.append((a, start - t0, time.perf_counter() - t0))
+        spans.append((a, start, clock.now()))
+        comm.finish(i, send)  # this action's send and a later receive, one batch
     comm.flush()
-    return RankRun(rank, loss_sum if rank == schedule.place(last)[0] else None, spans, peak,
-                   peak_bytes, sizes)
+    loss = loss_sum.item() if loss_sum is not None else None  # the run's one host read
+    return RankRun(rank, loss, clock.seconds(spans), peak, peak_bytes, sizes, comm.peak_sends)

@@ -52,6 +52,7 @@ class Job:
     grads: bool = False  # return this rank's parameter gradients (first step)
     fail_at: int | None = None  # fault injection: rank 1 meets an unknown action here
     label: str = ""  # the caller's name for the job's purpose (e.g. "sweep")
+    lookahead: int | None = None  # receives posted early (comms.py); None: by backend
 
 
 def build_model(spec: ModelSpec) -> Llama:
@@ -113,10 +114,9 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
             if torch_pp is not None:
                 loss, run = torch_pp.step(tokens, targets), None
             else:
-                comm = P2P(m, p * job.chunks, launch.TIMEOUT_S)
+                comm = P2P(schedule, rank, hidden, launch.TIMEOUT_S, lookahead=job.lookahead)
                 micro = list(zip(tokens.split(b), targets.split(b), strict=True))
-                run = run_schedule(schedule, rank, stages, micro, hidden=hidden, comm=comm,
-                                   t0=t0)
+                run = run_schedule(schedule, rank, stages, micro, comm=comm, t0=t0)
                 loss = run.loss
             dist.barrier()
         finally:
