@@ -17,6 +17,7 @@ import math
 import os
 
 import jax
+import jax.extend.core as jex
 from jax._src.pallas.core import get_block_size  # BlockDim -> int; not re-exported publicly
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
@@ -71,9 +72,9 @@ def check_gpu_blocks(target: str, **blocks: int) -> None:
 
 
 def _subjaxprs(value):
-    if isinstance(value, jax.extend.core.ClosedJaxpr):
+    if isinstance(value, jex.ClosedJaxpr):
         yield value.jaxpr
-    elif isinstance(value, jax.extend.core.Jaxpr):
+    elif isinstance(value, jex.Jaxpr):
         yield value
     elif isinstance(value, tuple | list):
         for item in value:

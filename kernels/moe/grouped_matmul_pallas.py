@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -203,8 +204,9 @@ def grouped_matmul_pallas(x, w, group_sizes, *, blocks: PallasBlocks | None = No
             "jax.lax.ragged_dot on a GPU")
     shape = grouped_shape(x, w, group_sizes)
     if not isinstance(group_sizes, jax.core.Tracer):
-        total = int(jnp.sum(group_sizes))
-        if int(jnp.min(group_sizes)) < 0 or total > shape.m:
+        # numpy, not jnp: under an enclosing jit, jnp on a concrete constant returns a tracer
+        sizes = np.asarray(group_sizes)
+        if sizes.min() < 0 or sizes.sum() > shape.m:
             raise ValueError(f"group_sizes must be non-negative and sum to at most M={shape.m}, "
-                             f"got {group_sizes.tolist()}")
+                             f"got {sizes.tolist()}")
     return _grouped_jit(x, w, group_sizes, blocks or PallasBlocks())
