@@ -73,8 +73,12 @@ def test_online_property(rows, cols, block, scale, seed, device):
 
 @pytest.mark.parametrize("shape,axis,block", [((37, 1000), -1, 128), ((5, 3, 77), 1, None),
                                               ((3, 2100), -1, 1024)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=str)
-def test_pallas_matches_reference(shape, axis, block, dtype):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16], ids=str)
+@pytest.mark.parametrize("target", ["tpu", "gpu"])
+def test_pallas_matches_reference(shape, axis, block, dtype, target, monkeypatch):
+    # target: the TPU variant (column grid axis "arbitrary") or the GPU one (stats loop over the
+    # columns in the kernel body, masked loads/stores), both run in interpret mode here
+    monkeypatch.setenv("KC_PALLAS_TARGET", target)
     seed = fresh_seed()
     x = _inputs(shape, torch.float64, seed)
     out = softmax_pallas(jnp.asarray(x.numpy(), dtype=dtype), axis, block_size=block)
@@ -84,7 +88,9 @@ def test_pallas_matches_reference(shape, axis, block, dtype):
     assert_close(out, ref, dtype=dtype, what=f"pallas seed={seed}")
 
 
-def test_pallas_extremes():
+@pytest.mark.parametrize("target", ["tpu", "gpu"])
+def test_pallas_extremes(target, monkeypatch):
+    monkeypatch.setenv("KC_PALLAS_TARGET", target)
     x = _inputs((9, 300), torch.float32, fresh_seed())
     x[1, :200] = float("-inf")
     x[2] *= 1e4
