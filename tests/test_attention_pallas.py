@@ -53,6 +53,7 @@ CASES = [  # b, h, h_kv, n_q, n_k, d, causal, dtype, (block_m, block_n)
     (1, 4, 1, 100, 37, 64, True, jnp.float16, (32, 32)),      # MQA, seq_q > seq_k: empty rows
     (1, 2, 1, 50, 77, 128, False, jnp.float16, None),         # largest head_dim, default blocks
     (1, 3, 3, 1, 70, 16, True, jnp.float32, (16, 16)),        # decoding: one query
+    (1, 4, 2, 90, 61, 64, True, jnp.bfloat16, (32, 16)),      # bf16: correct in interpret mode
 ]
 
 
@@ -62,6 +63,16 @@ def test_pallas_matches_reference(b, h, h_kv, n_q, n_k, d, causal, dtype, blocks
     q, k, v, do = make_inputs(b, h, h_kv, n_q, n_k, d, dtype, seed)
     check_pallas(q, k, v, do, f"pallas seed={seed}", causal=causal, sm_scale=None,
                  block_sizes=BlockSizes(*blocks) if blocks else None)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+def test_pallas_gpu_layout(dtype, monkeypatch):
+    """The GPU variant: one-lane L and D instead of the TPU's 128 lanes (module docstring)."""
+    monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")
+    seed = fresh_seed()
+    q, k, v, do = make_inputs(2, 4, 2, 45, 70, 32, dtype, seed)
+    check_pallas(q, k, v, do, f"pallas gpu layout seed={seed}", causal=True,
+                 block_sizes=BlockSizes(16, 32))
 
 
 @settings(max_examples=3)
