@@ -108,6 +108,31 @@ def test_grouped_matmul_matches_jax_ragged_dot_and_pallas():
         assert_close(got, want, dtype=jnp.float32, what=f"pallas {name}")
 
 
+def test_grouped_matmul_pallas_bf16_against_float64():
+    rng = np.random.default_rng(seed := fresh_seed())
+    sizes = np.array([20, 0, 37, 5], np.int32)
+    M, K, N = int(sizes.sum()) + 3, 40, 72
+    x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+                for s in ((M, K), (4, K, N), (M, N)))
+    f = lambda x, w: grouped_matmul_pallas(x, w, jnp.asarray(sizes), blocks=PallasBlocks(16, 128))
+    out, pull = jax.vjp(f, x, w)
+    x64, w64 = (torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (x, w))
+    ref = grouped_matmul_reference(x64, w64, torch.tensor(sizes))
+    ref.backward(torch.tensor(np.asarray(dy, np.float64)))
+    assert out.dtype == jnp.bfloat16
+    assert_close(out, ref, dtype=jnp.bfloat16, what=f"pallas bf16 out (seed {seed})")
+    for got, want, name in zip(pull(dy), (x64.grad, w64.grad), ("dx", "dw"), strict=True):
+        assert got.dtype == jnp.bfloat16
+        assert_close(got, want, dtype=jnp.bfloat16, what=f"pallas bf16 {name} (seed {seed})")
+
+
+def test_grouped_matmul_pallas_refuses_a_gpu(monkeypatch):
+    monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")   # no scalar prefetch in the Triton lowering
+    x = jnp.zeros((8, 16))
+    with pytest.raises(NotImplementedError, match="TPU kernel"):
+        grouped_matmul_pallas(x, jnp.zeros((2, 16, 8)), jnp.array([3, 5]))
+
+
 def test_grouped_matmul_bad_input(device):
     x, w, gs = _operands([3, 4], 8, 8, torch.float32, device)
     with pytest.raises(ValueError, match="w has K"):
