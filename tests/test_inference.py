@@ -1,13 +1,20 @@
 """Decoding: speculative greedy == target greedy token for token (batched, both drafters, all
 γ), the sampled output follows the target's distribution (χ², and a wrong rule fails it), the
-measured acceptance agrees with the paper's α, and the Triton and reference paths agree."""
+measured acceptance agrees with the paper's α, the Triton and reference paths agree, and the
+decode loop reads nothing back to the host beyond its documented once-per-round check.
+Everything runs on the `device` fixture's device, generators included."""
+
+import math
+import warnings
 
 import pytest
 import torch
 
 from kernels.sampling import speculative_accept, speculative_accept_reference
+from kernels.sampling.checks import check_generator
 from shared.data import ByteTokenizer
 from shared.inference.generate import generate
+from shared.inference.kv_cache import KVCache
 from shared.inference.speculative import Drafter, accept_if_p_ge_q, speculative_generate
 from shared.inference.stats import chi_square, expected_tokens, model_speedup
 from shared.models import Llama, LlamaConfig, zoo
@@ -24,25 +31,31 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def peaky(seed, config=TINY, scale=40.0):
+def peaky(seed, config=TINY, scale=40.0, device="cpu"):
     """A random model whose next-token distributions have a few likely tokens (not ~uniform)."""
     torch.manual_seed(seed)
     model = Llama(config).eval().requires_grad_(False)
     model.lm_head.weight.mul_(scale)
-    return model
+    return model.to(device)
 
 
-def prompts(B, P, V=256, text=None):
+def prompts(B, P, V=256, text=None, device="cpu"):
     if text is not None:
         ids = torch.tensor(ByteTokenizer().encode(text))
-        return torch.stack([ids[i * 7:i * 7 + P] for i in range(B)])
-    return torch.randint(0, V, (B, P), generator=torch.Generator().manual_seed(B * P))
+        return torch.stack([ids[i * 7:i * 7 + P] for i in range(B)]).to(device)
+    gen = torch.Generator(device=device).manual_seed(B * P)
+    return torch.randint(0, V, (B, P), generator=gen, device=device)
 
 
-def test_greedy_speculative_equals_target_greedy_trained_models():
-    target, draft = zoo.load("target", train_if_missing=False), zoo.load("draft")
+def seeded(seed, device):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def test_greedy_speculative_equals_target_greedy_trained_models(device):
+    target = zoo.load("target", train_if_missing=False).to(device)
+    draft = zoo.load("draft").to(device)
     text = "import os\nimport sys\n\n\ndef main(argv=None):\n    parser = argparse.ArgumentPar"
-    prompt = prompts(3, 24, text=text)
+    prompt = prompts(3, 24, text=text, device=device)
     ref = generate(target, prompt, 40).tokens
     for drafter in (Drafter(draft), Drafter(target, n_layers=2)):
         for gamma in (1, 4, 7):
@@ -55,9 +68,10 @@ def test_greedy_speculative_equals_target_greedy_trained_models():
             assert (counts == gamma).any() and (counts < gamma).any()  # both paths ran
 
 
-def test_greedy_speculative_equals_target_greedy_random_models():
-    target, draft = peaky(0), peaky(1, LlamaConfig(64, 16, 1, 2, 1, 32, 48))
-    prompt = prompts(4, 5, V=64)
+def test_greedy_speculative_equals_target_greedy_random_models(device):
+    target = peaky(0, device=device)
+    draft = peaky(1, LlamaConfig(64, 16, 1, 2, 1, 32, 48), device=device)
+    prompt = prompts(4, 5, V=64, device=device)
     ref = generate(target, prompt, 30).tokens
     for drafter in (Drafter(draft), Drafter(target, n_layers=1), Drafter(target)):
         for gamma in (1, 3, 8):
@@ -71,47 +85,47 @@ def test_greedy_speculative_equals_target_greedy_random_models():
         assert torch.equal(out.tokens, ref)
 
 
-def test_triton_and_reference_paths_agree_when_sampling():
-    target, draft = peaky(2), peaky(3, LlamaConfig(64, 16, 1, 2, 1, 32, 48))
-    prompt = prompts(2, 4, V=64)
+def test_triton_and_reference_paths_agree_when_sampling(device):
+    target = peaky(2, device=device)
+    draft = peaky(3, LlamaConfig(64, 16, 1, 2, 1, 32, 48), device=device)
+    prompt = prompts(2, 4, V=64, device=device)
     outs = [speculative_generate(target, Drafter(draft), prompt, 12, gamma=3, temperature=1.0,
-                                 generator=torch.Generator().manual_seed(11), impl=impl).tokens
+                                 generator=seeded(11, device), impl=impl).tokens
             for impl in ("triton", "reference")]
     assert torch.equal(*outs)
     ar = [generate(target, prompt, 8, temperature=0.7, impl=impl,
-                   generator=torch.Generator().manual_seed(5)).tokens
+                   generator=seeded(5, device)).tokens
           for impl in ("triton", "reference")]
     assert torch.equal(*ar)
 
 
-def sampled_vs_exact(accept, n=1500, gamma=2):
+def sampled_vs_exact(accept, device, n=1500, gamma=2):
     """n samples of the first two new tokens after one fixed prompt, and their exact
     distributions under the target: p(t1 | prompt) and Σ_t1 p(t1 | prompt) p(t2 | prompt, t1).
     Both tokens are decided by the acceptance rule (the first round scores p(· | prompt))."""
-    target = peaky(4, scale=10.0)  # broad enough that several tokens matter (max p ≈ 0.17)
-    draft = peaky(5, LlamaConfig(64, 16, 1, 2, 1, 32, 48), scale=10.0)
-    prompt = prompts(1, 6, V=64)
+    target = peaky(4, scale=10.0, device=device)  # broad: several tokens matter (max p ≈ 0.17)
+    draft = peaky(5, LlamaConfig(64, 16, 1, 2, 1, 32, 48), scale=10.0, device=device)
+    prompt = prompts(1, 6, V=64, device=device)
     out = speculative_generate(target, Drafter(draft), prompt.expand(n, -1), 2, gamma=gamma,
-                               temperature=1.0, generator=torch.Generator().manual_seed(21),
-                               accept=accept)
+                               temperature=1.0, generator=seeded(21, device), accept=accept)
     with torch.no_grad():
         p1 = torch.softmax(target(prompt)[0, -1].double(), -1)  # [V]
-        firsts = torch.arange(64)[:, None]
+        firsts = torch.arange(64, device=device)[:, None]
         p2 = torch.softmax(target(torch.cat([prompt.expand(64, -1), firsts], 1))[:, -1]
                            .double(), -1)  # [V(t1), V(t2)]
     return out, p1, p1 @ p2
 
 
-def test_sampled_tokens_follow_target_and_wrong_rule_fails():
-    out, p1, p2 = sampled_vs_exact(None)
+def test_sampled_tokens_follow_target_and_wrong_rule_fails(device):
+    out, p1, p2 = sampled_vs_exact(None, device)
     for i, exact in enumerate((p1, p2)):
         _, _, pval = chi_square(torch.bincount(out.tokens[:, i], minlength=64), exact)
         assert pval > 1e-3, (i, pval)
     measured, predicted = out.acceptance()
-    tried = (torch.arange(2) <= torch.stack(out.accepted)[..., None]).sum().item()
+    tried = (torch.arange(2, device=device) <= torch.stack(out.accepted)[..., None]).sum().item()
     sigma = (predicted * (1 - predicted) / tried) ** 0.5
     assert abs(measured - predicted) < 4 * sigma + 1e-3, (measured, predicted, sigma)
-    wrong, p1, _ = sampled_vs_exact(accept_if_p_ge_q)
+    wrong, p1, _ = sampled_vs_exact(accept_if_p_ge_q, device)
     _, _, pval_wrong = chi_square(torch.bincount(wrong.tokens[:, 0], minlength=64), p1)
     assert pval_wrong < 1e-6, pval_wrong
 
@@ -127,3 +141,87 @@ def test_paper_formulas_and_bad_arguments():
         speculative_generate(target, Drafter(target, 1), prompts(1, 4, 64), 40, gamma=8)
     with pytest.raises(ValueError, match="prompt"):
         generate(target, prompts(1, 4, 64)[0], 4)
+    with pytest.raises(TypeError, match="generator"):
+        generate(target, prompts(1, 4, 64), 4, temperature=1.0, generator=1)
+    # A generator on another device than the model: named, with the fix, before any draw.
+    with pytest.raises(ValueError, match=r"generator is on cpu .* torch.Generator\(device="):
+        check_generator(torch.Generator(), "cuda")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="generator is on"):
+            generate(target.cuda(), prompts(1, 4, 64), 4, temperature=1.0,
+                     generator=torch.Generator())
+
+
+# Python-level ways to read a tensor's value back to the host: each is a device sync on a GPU.
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.fixture
+def host_reads(monkeypatch, device):
+    """Counts host reads of tensor values. On CUDA, torch's sync debug mode also counts the
+    syncs torch itself makes in C++ (boolean indexing, one_hot, ...), which no patch sees."""
+    counts = {"python": 0, "cuda": 0}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["python"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    if device != "cuda":
+        yield counts
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield counts
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    counts["cuda"] = sum("synchroniz" in str(w.message) for w in caught)
+
+
+def checked_rounds(out, n_new):
+    """The loop's documented host reads: one per round test from the first round that could
+    be the last (ceil(n_new / (γ+1))), none at the test that stops on the round cap."""
+    rounds = len(out.accepted)
+    first = math.ceil(n_new / (out.gamma + 1))
+    return max(0, rounds - first + 1) - (rounds == n_new)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decoding_reads_nothing_back_per_layer_or_token(device, host_reads, temperature):
+    deep = peaky(6, LlamaConfig(64, 32, 6, 4, 2, 48, 48), device=device)
+    shallow = peaky(7, LlamaConfig(64, 16, 1, 2, 1, 32, 48), device=device)
+    prompt = prompts(3, 5, V=64, device=device)
+    with torch.no_grad():  # warm up: first calls may set things up
+        generate(deep, prompt, 2, temperature=temperature, generator=seeded(0, device))
+    start = dict(host_reads)
+    for model in (shallow, deep):  # 1 and 6 layers, 20 tokens each: none at all
+        generate(model, prompt, 20, temperature=temperature, generator=seeded(1, device))
+    assert host_reads == start, host_reads
+    for drafter, gamma in ((Drafter(shallow), 3), (Drafter(deep, n_layers=2), 4),
+                           (Drafter(deep), 4)):
+        before = dict(host_reads)
+        out = speculative_generate(deep, drafter, prompt, 20, gamma=gamma,
+                                   temperature=temperature, generator=seeded(2, device))
+        for kind in ("python", "cuda"):
+            if kind == "python" or device == "cuda":
+                assert host_reads[kind] - before[kind] == checked_rounds(out, 20), (
+                    drafter.name, kind, host_reads, len(out.accepted))
+    assert checked_rounds(out, 20) == 1  # the target drafting for itself: one read in all
+
+
+def test_debug_flag_turns_the_value_checks_on(device, host_reads, monkeypatch):
+    """KC_DEBUG=1: the checks that read values back run (and catch a bad cache length given
+    on the device, which the normal path leaves to the rotary-table lookup)."""
+    target = peaky(8, device=device)
+    prompt = prompts(2, 5, V=64, device=device)
+    monkeypatch.setenv("KC_DEBUG", "1")
+    before = host_reads["python"]
+    out = speculative_generate(target, Drafter(target, n_layers=1), prompt, 8, gamma=2,
+                               temperature=1.0, generator=seeded(3, device))
+    assert host_reads["python"] - before > checked_rounds(out, 8) + len(out.accepted)
+    cache = KVCache(TINY, 2, device=device)
+    with pytest.raises(ValueError, match="lengths"):
+        cache.set_lengths(torch.tensor([3, TINY.max_seq_len + 1], device=device))

@@ -80,12 +80,12 @@ def test_trained_target_equals_transformers():
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_kv_cache_incremental_and_rollback():
-    model = small_model(1)
-    tokens = torch.randint(0, 256, (3, 30))
+def test_kv_cache_incremental_and_rollback(device):
+    model = small_model(1).to(device)
+    tokens = torch.randint(0, 256, (3, 30), device=device)
     with torch.no_grad():
         full = model(tokens)
-        cache = KVCache(SMALL, 3)
+        cache = KVCache(SMALL, 3, device=device)
         steps = [model(tokens[:, :11], cache=cache)]
         cache.advance(11)
         for t in range(11, 30, 4):  # chunks of 4, the last one ragged
@@ -95,17 +95,21 @@ def test_kv_cache_incremental_and_rollback():
         torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
         # Per-sequence rollback: sequence b keeps its first L_b tokens, then continues with
         # other tokens; stale entries past L_b must not leak into attention.
-        lengths = torch.tensor([4, 17, 30 - 3])
-        cache.set_lengths(lengths)
-        new = torch.randint(0, 256, (3, 3))
+        lengths = [4, 17, 30 - 3]
+        cache.set_lengths(torch.tensor(lengths, device=device))
+        new = torch.randint(0, 256, (3, 3), device=device)
         out = model(new, cache=cache)
         for b in range(3):
             ref = model(torch.cat([tokens[b, :lengths[b]], new[b]])[None])[0, -3:]
             torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="max_seq_len"):
-        model(torch.zeros(1, 65, dtype=torch.long))
+        model(torch.zeros(1, 65, dtype=torch.long, device=device))
+    # Lengths given on the host are checked; on the device only under KC_DEBUG=1
+    # (test_inference.py), since reading them back would sync.
     with pytest.raises(ValueError, match="lengths"):
-        cache.set_lengths(torch.tensor([0, 1, 65]))
+        cache.set_lengths([0, 1, 65])
+    with pytest.raises(ValueError, match="lengths"):
+        cache.set_lengths(-1)
 
 
 def test_corpus_tokenizer_batches():

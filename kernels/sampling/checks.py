@@ -1,7 +1,13 @@
 """Input checks and random draws shared by the Triton kernels and their references.
 
-Both implementations take their randomness from the same host-side draws (``uniforms``), so with
-equally seeded generators they return the same tokens: the tests compare them exactly.
+Both implementations take their randomness from the same draws (``uniforms``, made on the
+logits' device), so with equally seeded generators they return the same tokens: the tests
+compare them exactly.
+
+Checks that read tensor values (ranges, distributions: `check_accept_inputs`) copy them to the
+host; on a GPU each one stalls the host until the device catches up. Decoding
+(shared/inference) asks for them only under KC_DEBUG=1. Checks of shapes, dtypes, devices and
+generators read no tensor values and always run.
 """
 
 from __future__ import annotations
@@ -14,6 +20,21 @@ from kernels.validate import check_same_device, check_tensor
 
 PROB_DTYPES = (torch.float32, torch.float16, torch.float64)
 TOKEN_DTYPES = (torch.int32, torch.int64)
+
+
+def check_generator(generator, device) -> None:
+    """A generator must live on the device its draws are made on (a CPU generator cannot
+    drive torch.rand on a GPU, and copying draws over would cost a transfer per token)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    want = torch.device(device)
+    have = generator.device
+    if have.type != want.type or (want.index is not None and have.index is not None
+                                  and have.index != want.index):
+        raise ValueError(f"generator is on {have} but the tensors it draws for are on {want}: "
+                         f"create it with torch.Generator(device={str(want)!r})")
 
 
 def check_temperature(temperature) -> float:
@@ -73,5 +94,6 @@ def check_accept_inputs(draft_tokens, draft_probs, target_probs) -> tuple[int, i
 
 
 def uniforms(shape, generator: torch.Generator | None, device) -> torch.Tensor:
-    """U(0, 1) float32 draws (the only randomness either implementation uses)."""
+    """U(0, 1) float32 draws on `device` (the only randomness either implementation uses)."""
+    check_generator(generator, device)
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)

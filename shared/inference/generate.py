@@ -3,6 +3,11 @@
 The baseline speculative decoding is measured against, and the token-for-token reference its
 greedy output must equal. Sampling goes through kernels/sampling (Gumbel-max); see `ops()` for
 which implementation runs.
+
+Everything runs on the model's device: the prompt is moved there, ids and caches are made
+there, and a generator must be made there too (torch.Generator(device=...)). The loop never
+reads a device value back, so on a GPU the host queues token after token without waiting;
+the checks that would read values back run only under KC_DEBUG=1 (`debug_checks`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from kernels.sampling import (
     speculative_accept,
     speculative_accept_reference,
 )
+from kernels.sampling.checks import check_generator
 from shared.inference.kv_cache import KVCache
 from shared.models.llama import Llama
 
@@ -36,13 +42,21 @@ def ops(impl: str | None = None):
 
 
 def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The distribution decoding samples from: softmax(logits / T), one-hot argmax at T = 0."""
+    """The distribution decoding samples from: softmax(logits / T), one-hot argmax at T = 0.
+    (The one-hot is a scatter: F.one_hot reads its input's range back to the host on a CPU.)"""
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+def model_device(model: Llama) -> torch.device:
+    return model.lm_head.weight.device
+
+
 def check_prompt(model: Llama, prompt: torch.Tensor, n_new: int, extra: int = 0) -> None:
+    """Shapes and sizes only (host metadata): free on any device."""
+    if not isinstance(prompt, torch.Tensor):
+        raise TypeError(f"prompt must be a torch.Tensor, got {type(prompt).__name__}")
     if prompt.ndim != 2 or prompt.dtype != torch.long or prompt.shape[1] < 2:
         raise ValueError(f"prompt must be int64 [B, P] with P >= 2, got {prompt.dtype} "
                          f"{tuple(prompt.shape)}")
@@ -65,11 +79,15 @@ class Generation:
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 0.0, generator: torch.Generator | None = None,
              impl: str | None = None) -> Generation:
-    """prompt int64 [B, P] -> B continuations of max_new_tokens tokens, one forward each."""
+    """prompt int64 [B, P] -> B continuations of max_new_tokens tokens, one forward each.
+    `generator`, when given, must be on the model's device."""
     check_prompt(model, prompt, max_new_tokens)
     sample, _ = ops(impl)
+    device = model_device(model)
+    check_generator(generator, device)
+    prompt = prompt.to(device)
     cache = KVCache(model.config, prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens,
-                    dtype=model.lm_head.weight.dtype, device=prompt.device)
+                    dtype=model.lm_head.weight.dtype, device=device)
     logits = model(prompt, cache=cache)[:, -1]  # prefill: [B, V]
     cache.advance(prompt.shape[1])
     out = []

@@ -6,6 +6,9 @@ Each round, per sequence of the batch:
   3. speculative_accept keeps x_i while u_i < p_i(x_i)/q_i(x_i), and adds one token drawn from
      norm(max(0, p − q)) at the first rejection (or from p_{γ+1} if none): n + 1 tokens, n ≤ γ.
   4. both KV caches roll back to the kept prefix (their own length per sequence).
+Host syncs: one per round, to learn whether every sequence is done, and only from the first
+round that could be the last (a round yields 1 to γ+1 tokens per sequence). Nothing else
+reads the device back, unless KC_DEBUG=1 turns on the rule's input checks.
 The drafter is a separate small model, or the target's own first k blocks + its head
 (LayerSkip self-speculation, Elhoushi et al. 2024): ``Drafter(target, n_layers=k)``.
 """
@@ -16,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.inference.generate import Generation, check_prompt, ops, probs
+from kernels.sampling.checks import check_generator
+from shared.inference.generate import Generation, check_prompt, model_device, ops, probs
 from shared.inference.kv_cache import KVCache
-from shared.models.llama import Llama
+from shared.models.llama import Llama, debug_checks
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class SpecGeneration(Generation):
         n = torch.stack(self.accepted)  # [R, B]
         act = torch.stack(self.active)  # [R, B]
         beta = torch.stack(self.overlap)  # [R, B, γ]
-        idx = torch.arange(self.gamma)
+        idx = torch.arange(self.gamma, device=n.device)
         tried = (idx <= n[..., None]) & act[..., None]  # [R, B, γ]
         accepted = (idx < n[..., None]) & act[..., None]
         return (accepted.sum() / tried.sum()).item(), beta[tried].mean().item()
@@ -57,7 +61,7 @@ class SpecGeneration(Generation):
     def acceptance_by_position(self) -> torch.Tensor:
         """P(draft i accepted | drafts before it accepted), i = 1..γ: [γ]."""
         n = torch.stack(self.accepted)[torch.stack(self.active)]  # [rounds × active B]
-        idx = torch.arange(self.gamma)
+        idx = torch.arange(self.gamma, device=n.device)
         return (n[:, None] > idx).sum(0) / (n[:, None] >= idx).sum(0).clamp(min=1)
 
     def tokens_per_call(self) -> float:
@@ -75,17 +79,22 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
 
     ``accept`` overrides the acceptance rule (same signature as speculative_accept): the tests
     plug a wrong rule in to show the distribution test catches it. Inputs to the rule are
-    built here from softmaxes, so its (host-synchronising) input checks are skipped.
+    built here from softmaxes, so its (host-synchronising) input checks run only under
+    KC_DEBUG=1. `generator`, when given, must be on the target's device.
     """
-    if not isinstance(gamma, int) or gamma < 1:
+    if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
     check_prompt(target, prompt, max_new_tokens, extra=gamma + 1)
     sample, default_accept = ops(impl)
     greedy = temperature == 0 and accept is None  # an overridden rule always runs as given
     accept = accept or default_accept
     dmodel, k = drafter.model, drafter.n_layers
+    dtype, device = target.lm_head.weight.dtype, model_device(target)
+    if model_device(dmodel) != device:
+        raise ValueError(f"drafter is on {model_device(dmodel)} but target is on {device}")
+    check_generator(generator, device)
+    prompt = prompt.to(device)
     B, P = prompt.shape
-    dtype, device = target.lm_head.weight.dtype, prompt.device
     size = P + max_new_tokens + gamma + 1
     tcache = KVCache(target.config, B, max_len=size, dtype=dtype, device=device)
     dcache = KVCache(dmodel.config, B, n_layers=k, max_len=size, dtype=dtype, device=device)
@@ -97,12 +106,20 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
     tcache.advance(P - 1)
     if P > 2:
         dmodel(prompt[:, :-2], cache=dcache, n_layers=k)
-    out = torch.zeros(B, max_new_tokens + gamma + 1, dtype=torch.long, device=device)
+    # New tokens; the last column is a dump for the writes a round does not keep (step 4).
+    out = torch.zeros(B, max_new_tokens + gamma + 2, dtype=torch.long, device=device)
+    dump = out.shape[1] - 1
     count = torch.zeros(B, dtype=torch.long, device=device)  # new tokens so far
     prev = prompt[:, -2]  # token before `last`: the draft cache may lack it (see step 1)
     last = prompt[:, -1]  # newest token: in neither cache yet
     result = SpecGeneration(tokens=out, target_calls=1, draft_calls=int(P > 2), gamma=gamma)
-    while bool((count < max_new_tokens).any()):
+    rounds = 0
+    # Every active sequence gains >= 1 token a round, at most γ+1: no sequence can be done
+    # before round ceil(max_new / (γ+1)), and all are after max_new rounds. Only in between
+    # is the device asked (the one host sync per round).
+    while rounds < max_new_tokens and (rounds * (gamma + 1) < max_new_tokens
+                                       or bool((count < max_new_tokens).any())):
+        rounds += 1
         active = count < max_new_tokens
         # 1. Draft γ tokens. The first step re-feeds `prev`: after a round where all γ drafts
         #    were accepted, the drafter never saw x_γ; rewriting a cached entry is harmless.
@@ -136,7 +153,8 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
         else:
             q_t = probs(torch.stack(draft_logits, 1), temperature)  # [B, γ, V]
             p_t = probs(target_logits, temperature)  # [B, γ+1, V]
-            n, nxt = accept(drafts_t, q_t, p_t, generator=generator, check_inputs=False)
+            n, nxt = accept(drafts_t, q_t, p_t, generator=generator,
+                            check_inputs=debug_checks())
             overlap = torch.minimum(p_t[:, :gamma], q_t).sum(-1)  # [B, γ]
         result.accepted.append(n)
         result.active.append(active)
@@ -146,7 +164,8 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
         new = torch.where(j < n[:, None], torch.cat([drafts_t, drafts_t[:, :1]], 1),
                           nxt[:, None])  # [B, γ+1]: x_1..x_n, next, (ignored)
         keep = (j <= n[:, None]) & active[:, None]
-        out[rows[:, None].expand_as(keep)[keep], (count[:, None] + j)[keep]] = new[keep]
+        # A scatter, not out[mask] = ...: boolean indexing counts the mask on the host.
+        out.scatter_(1, torch.where(keep, count[:, None] + j, dump), new)
         count = count + torch.where(active, n + 1, 0)
         tcache.set_lengths(start + torch.where(active, n + 1, 0))
         prev = torch.where(active, torch.where(n > 0, drafts_t[rows, (n - 1).clamp(min=0)],

@@ -35,8 +35,8 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 
     """Pearson's goodness-of-fit test of `counts` [K] against `probs` [K] -> (statistic, dof,
     p-value). Categories expected fewer than `min_expected` times are pooled into one, as the
     χ² approximation needs; a count in a category of probability 0 gives p-value 0."""
-    counts = counts.double().flatten()
-    probs = probs.double().flatten()
+    counts = counts.detach().double().flatten().cpu()  # a host-side statistic, after the run
+    probs = probs.detach().double().flatten().cpu()
     if counts.shape != probs.shape:
         raise ValueError(f"counts {tuple(counts.shape)} and probs {tuple(probs.shape)} differ")
     n = counts.sum()

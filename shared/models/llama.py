@@ -10,6 +10,7 @@ cache (shared/inference/kv_cache.py) and per-sequence start positions as keyword
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h)). [B,T,D] -> [B,T,D].
 
     ``start_pos`` (int or int64 [B]) is each sequence's position of x[:, 0]; default 0.
-    ``cache`` (a KVCache) makes attention see earlier positions too.
+    ``positions`` (int64 [B, T], from `positions_for`) replaces it: Llama computes them once
+    for all its blocks. ``cache`` (a KVCache) makes attention see earlier positions too.
     """
 
     def __init__(self, config: LlamaConfig, layer_idx: int, ffn: nn.Module | None = None):
@@ -148,23 +150,41 @@ class Block(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, *, start_pos=None, cache=None) -> torch.Tensor:
-        positions = positions_for(x.shape[0], x.shape[1], start_pos, self.config, x.device)
+    def forward(self, x: torch.Tensor, *, start_pos=None, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = positions_for(x.shape[0], x.shape[1], start_pos, self.config, x.device)
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, hd]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
         h = x + self.attn(self.attn_norm(x), cos, sin, positions, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
+def debug_checks() -> bool:
+    """KC_DEBUG=1 (or true/yes/on): also run the checks that read device values back to the
+    host (each one stalls the host until a GPU catches up). Read at each call, so a test or a
+    notebook can switch it on for one run."""
+    return os.environ.get("KC_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def positions_for(B: int, T: int, start_pos, config: LlamaConfig, device) -> torch.Tensor:
-    """Absolute positions [B, T] = start_pos[:, None] + arange(T), checked against max_seq_len."""
-    if start_pos is None:
-        start_pos = 0
-    start = torch.as_tensor(start_pos, dtype=torch.long, device=device).reshape(-1)
+    """Absolute positions [B, T] = start_pos[:, None] + arange(T), checked against max_seq_len.
+
+    An int start is checked on the host. A tensor start lives on the device (decoding passes
+    the cache's lengths): reading it back would stall the host at every forward, so it is
+    checked only under KC_DEBUG=1 (debug_checks); otherwise an out of
+    range position fails in the rotary-table lookup."""
+    start_pos = 0 if start_pos is None else start_pos
+    if isinstance(start_pos, int):
+        if start_pos < 0 or start_pos + T > config.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} fall outside "
+                             f"[0, max_seq_len={config.max_seq_len})")
+        return torch.arange(start_pos, start_pos + T, device=device).expand(B, T)
+    start = start_pos.to(device=device, dtype=torch.long).reshape(-1)
     if start.numel() not in (1, B):
         raise ValueError(f"start_pos must be an int or have shape [{B}], got {tuple(start.shape)}")
     positions = start.expand(B)[:, None] + torch.arange(T, device=device)
-    if positions.min() < 0 or positions.max() >= config.max_seq_len:
+    if debug_checks() and (positions.min() < 0 or positions.max() >= config.max_seq_len):
         raise ValueError(
             f"positions {int(positions.min())}..{int(positions.max())} fall outside "
             f"[0, max_seq_len={config.max_seq_len})")
@@ -210,9 +230,10 @@ class Llama(nn.Module):
             raise ValueError(f"n_layers must be in [1, {self.config.n_layers}], got {k}")
         if cache is not None and start_pos is None:
             start_pos = cache.lengths
+        positions = positions_for(*tokens.shape, start_pos, self.config, tokens.device)
         h = self.embed(tokens)
-        for block in self.layers[:k]:
-            h = block(h, start_pos=start_pos, cache=cache)
+        for block in self.layers[:k]:  # positions once for all blocks: no per-layer work
+            h = block(h, cache=cache, positions=positions)
         return self.lm_head(self.norm(h))
 
     def forward_with_exit(self, tokens: torch.Tensor, exit_layer: int):
