@@ -14,6 +14,7 @@ import torch
 from kernels.device import INTERPRET, gpu_available
 from kernels.softmax import safe_softmax, softmax, softmax_xla_online, softmax_xla_safe
 from shared import bench, iocount, roofline
+from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 
 # FLOPs per element, counted from the kernels: max (1), exp (1 as counted by roofline
 # convention), add (1), divide (1); the online pass adds a compare and a rescale per tile only.
@@ -78,35 +79,45 @@ def compiled_fusions(fn, rows: int, cols: int) -> list[str]:
 
 def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536)) -> list[dict]:
     """On a CUDA GPU: effective bandwidth of each softmax (minimal traffic: one read, one
-    write), with a tile of 1024 so long rows take the multi-tile path."""
-    rows_out = []
+    write, fp16) and its % of the HBM roofline, with a tile of 1024 so long rows take the
+    multi-tile path; torch.softmax (one fused kernel) beside them. Stops at the deadline."""
+    hw = gpu_hardware()
+    out = []
     for cols in cols_list:
+        if out_of_time(reserve_s=5):
+            break
         x = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
         nbytes = 2 * x.numel() * x.element_size()
+        flops = FLOPS_PER_ELEMENT * x.numel()
         timings = {
             "online": bench.measure(lambda x=x: softmax(x, block_size=1024)),
             "safe": bench.measure(lambda x=x: safe_softmax(x, block_size=1024)),
-            "torch": bench.measure(lambda x=x: torch.softmax(x, -1)),
+            "torch.softmax": bench.measure(lambda x=x: torch.softmax(x, -1)),
         }
-        rows_out.append({"cols": cols, **{k: nbytes / t.median_s / 1e9
-                                          for k, t in timings.items()}})
-    return rows_out
+        row = {"rows": rows, "cols": cols, "dtype": "fp16", "hardware": hw}
+        for name, t in timings.items():
+            row[f"{name} GB/s"] = nbytes / t.median_s / 1e9
+            row[f"{name} % roofline"] = pct_of_roofline(t.median_s, flops, nbytes, hw, "fp16")
+        out.append(record("softmax bandwidth (CUDA events)", row))
+    return out
 
 
 def main() -> int:
     if INTERPRET:
         for cols in (1024, 4096, 16384):
             a = accesses_per_element(8, cols, 256)
-            print(f"N={cols:6d}: accesses per element safe {a['safe']:.2f}, "
-                  f"online {a['online']:.2f} (counted, Triton interpreter)")
+            record("accesses per element (counted, Triton interpreter)",
+                   {"cols": cols, "safe": a["safe"], "online": a["online"]})
         for hw in ("H100 SXM", "A100 80GB", "TPU v5e"):
             p = predicted_speedup(hw, 4096, 32768)
-            print(f"{hw}: predicted speed-up online over safe {p['speedup']:.2f}x "
-                  f"({p['bound']} bound, roofline from counted bytes)")
+            record("predicted speed-up online over safe (roofline from counted bytes)",
+                   {"hardware": hw, "speedup": p["speedup"], "bound": p["bound"]})
+        if out_of_time():
+            return 0
         for name, t in cpu_wallclock(2048, 8192).items():
-            print(f"{name:26s} {t}")
+            record("CPU wall clock, 2048 x 8192 fp32", {"impl": name, "median ms":
+                                                        t.median_s * 1e3, "timing": t.method})
     if gpu_available() and not INTERPRET:
         print("GB/s of minimal traffic (fp16, 4096 rows), CUDA events via do_bench")
-        for row in gpu_table():
-            print(row)
+        gpu_table()
     return 0
