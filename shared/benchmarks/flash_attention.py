@@ -20,6 +20,7 @@ from kernels.attention import BlockSizes, attention_reference, flash_attention, 
 from kernels.attention._args import padded_head_dim
 from kernels.device import INTERPRET, gpu_available
 from shared import bench, iocount, roofline
+from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 
 # FlashAttention-1 Fig. 2 (left): GPT-2 medium attention, forward + backward, A100.
 GPT2_MEDIUM = dict(batch=64, heads=16, n=1024, d=64)
@@ -170,28 +171,43 @@ def _forward_backward(fn, n: int, d: int, heads: int) -> int:
     return sum(saved)
 
 
-def gpu_table(ns=(512, 1024, 2048, 4096, 8192, 16384), dims=(64, 128)) -> list[dict]:
-    """FA2's benchmark setting on a CUDA GPU: batch·N = 16k tokens, heads·d = 2048, fp16;
-    forward and backward TFLOP/s (conventional FLOPs) of ours and of torch SDPA."""
-    return [_gpu_row(n, d, causal) for d in dims for causal in (False, True) for n in ns]
+def gpu_table(ns=(1024, 4096, 16384), dims=(64, 128), dtype=torch.float16) -> list[dict]:
+    """FA2's benchmark setting on a CUDA GPU: batch·N = 16k tokens, heads·d = 2048; forward and
+    backward TFLOP/s (conventional FLOPs) of ours and of torch SDPA (its flash backend, the fast
+    path), each with its % of the roofline at compulsory traffic. Stops at the deadline."""
+    rows = []
+    for d in dims:
+        for causal in (False, True):
+            for n in ns:
+                if out_of_time(reserve_s=10):
+                    return rows
+                rows.append(record("attention TFLOP/s (CUDA events)",
+                                   _gpu_row(n, d, causal, dtype)))
+    return rows
 
 
-def _gpu_row(n: int, d: int, causal: bool) -> dict:
+def _gpu_row(n: int, d: int, causal: bool, dtype) -> dict:
     import torch.nn.functional as F
 
     b, h = max(1, 16384 // n), 2048 // d
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, requires_grad=True)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
     do = torch.randn_like(q)
     fwd_flops, bwd_flops = model_flops(b, h, n, d, causal)
+    floor = compulsory(n, d, q.element_size()).scaled(b * h)
+    hw, dt = gpu_hardware(), "bf16" if dtype == torch.bfloat16 else "fp16"
+    # n_q = n_k, so SDPA's top-left causal mask is our bottom-right one
     impls = {"ours": lambda: flash_attention(q, k, v, causal=causal),
              "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)}
-    row = {"d": d, "causal": causal, "n": n, "batch": b, "heads": h}
+    row = {"d": d, "causal": causal, "n": n, "batch": b, "heads": h, "dtype": dt, "hardware": hw}
     for name, f in impls.items():
         fwd = bench.measure(f).median_s
         both = bench.measure(lambda f=f: f().backward(do)).median_s
+        bwd = max(both - fwd, 1e-9)
         row[f"{name} fwd TFLOP/s"] = fwd_flops / fwd / 1e12
-        row[f"{name} bwd TFLOP/s"] = bwd_flops / max(both - fwd, 1e-9) / 1e12
+        row[f"{name} bwd TFLOP/s"] = bwd_flops / bwd / 1e12
+        row[f"{name} fwd % roofline"] = pct_of_roofline(fwd, fwd_flops, floor.fwd_bytes, hw, dt)
+        row[f"{name} bwd % roofline"] = pct_of_roofline(bwd, bwd_flops, floor.bwd_bytes, hw, dt)
     return row
 
 
@@ -199,25 +215,26 @@ def main() -> int:
     if INTERPRET:
         print("HBM traffic, counted in Triton's interpreter (fp16, one head, fwd + bwd)")
         for n in (256, 512, 1024):
+            if out_of_time():
+                return 0
             c = {impl: count(impl, n) for impl in IMPLS}
-            print(f"  N={n:5d}: standard {c['standard'].bytes / 1e6:7.2f} MB, "
-                  f"flash {c['flash'].bytes / 1e6:6.2f} MB, "
-                  f"ratio {c['standard'].bytes / c['flash'].bytes:.1f}x")
+            record("HBM traffic, counted (fp16, one head, fwd + bwd)",
+                   {"n": n, "standard MB": c["standard"].bytes / 1e6,
+                    "flash MB": c["flash"].bytes / 1e6,
+                    "ratio": c["standard"].bytes / c["flash"].bytes})
         # every head is one more column of identical programs: one head's count x heads is exact
         gpt = {impl: x.scaled(GPT2_MEDIUM["batch"] * GPT2_MEDIUM["heads"]) for impl, x in c.items()}
-        print("GPT-2 medium attention (N=1024, d=64, 16 heads, batch 64), fwd + bwd:")
         for impl, key in (("standard", "standard_gb"), ("flash", "flash_gb")):
-            print(f"  {impl:8s} counted {gpt[impl].bytes / 1e9:6.1f} GB "
-                  f"(paper, measured on A100: {PAPER[key]} GB)")
+            record("GPT-2 medium attention (N=1024, d=64, 16 heads, batch 64), fwd + bwd",
+                   {"impl": impl, "counted GB": gpt[impl].bytes / 1e9,
+                    "paper GB (measured on A100)": PAPER[key]})
         for hw in ("A100 80GB", "H100 SXM"):
             pred = predict(gpt["flash"], hw)
-            total = pred["fwd"].time_s + pred["bwd"].time_s
-            print(f"  {hw}: predicted flash fwd {pred['fwd'].time_s * 1e3:.2f} ms "
-                  f"({pred['fwd'].bound} bound) + bwd {pred['bwd'].time_s * 1e3:.2f} ms "
-                  f"({pred['bwd'].bound} bound) = {total * 1e3:.2f} ms (roofline prediction; "
-                  f"FA1 measured {PAPER['flash_ms']} ms on A100)")
+            record("GPT-2 medium flash attention, roofline prediction",
+                   {"hardware": hw, "fwd ms": pred["fwd"].time_s * 1e3,
+                    "fwd bound": pred["fwd"].bound, "bwd ms": pred["bwd"].time_s * 1e3,
+                    "bwd bound": pred["bwd"].bound, "FA1 measured ms (A100)": PAPER["flash_ms"]})
     if gpu_available() and not INTERPRET:
         print("TFLOP/s (fp16, conventional FLOPs, do_bench): ours vs torch SDPA")
-        for row in gpu_table():
-            print(row)
+        gpu_table()
     return 0

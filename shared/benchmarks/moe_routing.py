@@ -10,6 +10,7 @@ loop and torch's grouped GEMM, and the layers on the GPU.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from functools import partial
 
@@ -18,9 +19,9 @@ import torch
 from kernels.device import INTERPRET, gpu_available
 from kernels.moe import Blocks, grouped_matmul, grouped_matmul_torch
 from shared import bench, iocount, roofline
+from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 from shared.moe import MoELayer, TopKRouter
 from shared.moe.dispatch import capacity
-from shared.moe.hf_mixtral import mixtral_block
 
 
 def routed_sizes(tokens: int, k: int, experts: int, seed: int = 0) -> torch.Tensor:
@@ -94,17 +95,27 @@ def dispatch_throughput(experts_list, tokens: int, dim: int, ffn: int, k: int = 
 
 @torch.no_grad()
 def versus_mixtral(experts: int, tokens: int, dim: int, ffn: int, k: int = 2,
-                   repeat: int = 10) -> dict:
+                   repeat: int = 10, device: str = "cpu", dtype=torch.float32) -> dict:
     """Same weights in our layer and transformers' MixtralSparseMoeBlock: the output error and
     tokens/s of each (theirs as a block built from a config runs: the per-expert loop; and
-    their grouped_mm implementation, for reference), interleaved on the same tokens."""
-    ours = layer(dim, ffn, experts, k)
-    theirs = mixtral_block(ours)
-    theirs_gmm = mixtral_block(ours, "grouped_mm")
-    x = torch.randn(1, tokens, dim)
-    err = (ours(x) - theirs(x)).norm() / theirs(x).norm()
-    t = bench.compare({"ours": lambda: ours(x), "Mixtral block": lambda: theirs(x),
-                       "Mixtral block (grouped_mm)": lambda: theirs_gmm(x)}, repeat=repeat)
+    their grouped_mm implementation, for reference), interleaved on the same tokens. On a GPU
+    ours runs with both backends: the Triton kernel and torch's grouped_mm."""
+    from shared.moe.hf_mixtral import mixtral_block  # transformers: only here
+
+    ours = layer(dim, ffn, experts, k).to(device, dtype)
+    theirs = mixtral_block(ours).to(device)
+    theirs_gmm = mixtral_block(ours, "grouped_mm").to(device)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
+    ref = theirs(x).double()
+    err = (ours(x).double() - ref).norm() / ref.norm()
+    fns = {"ours": lambda: ours(x), "Mixtral block": lambda: theirs(x),
+           "Mixtral block (grouped_mm)": lambda: theirs_gmm(x)}
+    if device != "cpu":
+        triton_layer = layer(dim, ffn, experts, k).to(device, dtype)
+        triton_layer.load_state_dict(ours.state_dict())
+        triton_layer.backend = "triton"
+        fns["ours (triton)"] = lambda: triton_layer(x)
+    t = bench.compare(fns, repeat=repeat)
     return {"experts": experts, "tokens": tokens, "rel_error": float(err),
             **{name: tokens / tm.median_s for name, tm in t.items()}}
 
@@ -126,19 +137,40 @@ def _per_expert_loop(x, w, sizes):
 
 def gpu_table(experts_list=(8, 64), tokens: int = 16384, dim: int = 2048,
               ffn: int = 1408) -> list[dict]:
-    """On a CUDA GPU: the Triton grouped matmul against a per-expert loop of torch.mm and
-    torch's grouped GEMM (bf16), TFLOP/s; then our layer against the Mixtral block."""
-    rows = []
+    """On a CUDA GPU, bf16: the Triton grouped matmul against a per-expert loop of torch.mm and
+    torch's grouped GEMM (F.grouped_mm, CUTLASS on sm90), TFLOP/s and % of the roofline at the
+    minimum traffic (x, w and out once). Stops at the deadline."""
+    hw, rows = gpu_hardware(), []
     for E in experts_list:
+        if out_of_time(reserve_s=10):
+            break
         sizes = routed_sizes(tokens, 2, E).cuda()
         M = int(sizes.sum())
         x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, dim, ffn, device="cuda", dtype=torch.bfloat16)
+        flops, nbytes = 2 * M * dim * ffn, 2 * (M * dim + E * dim * ffn + M * ffn)
         t = {"triton grouped": bench.measure(partial(grouped_matmul, x, w, sizes)),
              "per-expert loop": bench.measure(partial(_per_expert_loop, x, w, sizes)),
              "torch grouped_mm": bench.measure(partial(grouped_matmul_torch, x, w, sizes))}
-        rows.append({"experts": E, **{n: 2 * M * dim * ffn / tm.median_s / 1e12
-                                      for n, tm in t.items()}})
+        row = {"experts": E, "M": M, "K": dim, "N": ffn, "dtype": "bf16", "hardware": hw}
+        for name, tm in t.items():
+            row[f"{name} TFLOP/s"] = flops / tm.median_s / 1e12
+            row[f"{name} % roofline"] = pct_of_roofline(tm.median_s, flops, nbytes, hw, "bf16")
+        rows.append(record("grouped matmul (CUDA events)", row))
+    return rows
+
+
+def gpu_layers(experts_list=(8, 64), tokens: int = 16384, dim: int = 2048,
+               ffn: int = 1408) -> list[dict]:
+    """On a CUDA GPU, bf16: the whole layer forward, ours against transformers' Mixtral block
+    with the same weights, tokens/s (wall clock, synchronised). Stops at the deadline."""
+    rows = []
+    for E in experts_list:
+        if out_of_time(reserve_s=15):
+            break
+        rows.append(record("MoE layer forward vs Mixtral block, tokens/s (bf16)",
+                           versus_mixtral(E, tokens, dim, ffn, repeat=5, device="cuda",
+                                          dtype=torch.bfloat16)))
     return rows
 
 
@@ -146,24 +178,30 @@ def main() -> int:
     if INTERPRET:
         sizes = routed_sizes(512, 2, 8)
         traffic = gmm_traffic(sizes, 64, 128, capacity(512, 2, 8, 1.25))
-        print(f"formula {traffic['formula']} B, minimum {traffic['minimum']} B")
         for name in ("grouped", "per-expert loop", "padded to capacity"):
             c = traffic[name]
-            print(f"{name:20s} {c.bytes_total:9d} B in {c.launches} launches (counted)")
+            record("grouped-matmul traffic, counted (T=512, k=2, E=8)",
+                   {"impl": name, "bytes": c.bytes_total, "launches": c.launches,
+                    "formula": traffic["formula"], "minimum": traffic["minimum"]})
         for hw in ("H100 SXM", "A100 80GB"):
             p = roofline_grouped(16384, 2, 2048, 1408, 64, hw)
-            print(f"{hw}: layer GEMMs {p.time_s * 1e6:.0f} us, {p.bound} bound (roofline)")
+            record("layer GEMMs, roofline prediction (T=16384, E=64)",
+                   {"hardware": hw, "us": p.time_s * 1e6, "bound": p.bound})
     if not gpu_available():
         torch.set_num_threads(1)   # a shared 2-core machine: one thread keeps timings steady
         for row in dispatch_throughput((4, 16, 64), 2048, 128, 256):
-            print(f"E={row['experts']:3d}: einsum {row['einsum']:9.0f} tok/s, "
-                  f"sort {row['sort']:9.0f} tok/s (layer forward, CPU wall clock)")
+            record("layer forward tokens/s, CPU wall clock", row)
+            if out_of_time():
+                return 0
         for T in (64, 2048):
             for E in (8, 64):
-                r = versus_mixtral(E, T, 128, 256)
-                print(f"T={T} E={E}: ours {r['ours']:.0f} tok/s, Mixtral block "
-                      f"{r['Mixtral block']:.0f} tok/s, rel. error {r['rel_error']:.1e}")
-    else:
-        for row in gpu_table():
-            print(row)
+                if out_of_time():
+                    return 0
+                record("ours vs Mixtral block, tokens/s, CPU", versus_mixtral(E, T, 128, 256))
+    elif not INTERPRET:
+        gpu_table()
+        if importlib.util.find_spec("transformers") is None:
+            print("note: transformers is not installed: no Mixtral block side by side")
+        else:
+            gpu_layers()
     return 0
