@@ -95,19 +95,24 @@ def vmem_blocks(fn, *args) -> list[dict]:
 
     block_bytes sums block_shape × itemsize over the grid mapping's block mappings (inputs and
     outputs; a squeezed dim counts 1). The TPU pipeline keeps two buffers per block, the one in
-    use and the next one being copied in (double-buffering), so vmem_bytes = 2 × block_bytes.
-    Scalar-prefetch operands live in SMEM and are not counted.
+    use and the next one being copied in (double-buffering), unless the spec asks for
+    `pl.Buffered(1)`: vmem_bytes = Σ block bytes × buffers. Scalar-prefetch operands live in
+    SMEM and are not counted.
     """
     calls = []
     for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
         mapping = eqn.params["grid_mapping"]
-        block_bytes = sum(
-            math.prod(get_block_size(d) for d in bm.block_shape) * bm.array_aval.dtype.itemsize
-            for bm in mapping.block_mappings)
+        sizes = [(math.prod(get_block_size(d) for d in bm.block_shape)
+                  * bm.array_aval.dtype.itemsize, _buffers(bm)) for bm in mapping.block_mappings]
         calls.append({"kernel": eqn.params.get("name") or "pallas_call",
-                      "grid": tuple(mapping.grid), "block_bytes": block_bytes,
-                      "vmem_bytes": 2 * block_bytes})
+                      "grid": tuple(mapping.grid), "block_bytes": sum(b for b, _ in sizes),
+                      "vmem_bytes": sum(b * n for b, n in sizes)})
     return calls
+
+
+def _buffers(block_mapping) -> int:
+    mode = block_mapping.pipeline_mode
+    return 2 if mode is None or mode.buffer_count is None else mode.buffer_count
 
 
 def lower_for_tpu(fn, *args, name: str) -> dict:

@@ -66,6 +66,14 @@ class _Config:  # static (hashable) arguments of the custom_vjp
         """Minor dim of the per-row statistics L and D: lane-dense on a TPU, one on a GPU."""
         return 128 if self.target == "tpu" else 1
 
+    def resident(self, block_shape, index_map):
+        """A whole-sequence block whose index changes only with (batch, head): one VMEM buffer
+        on a TPU (pl.Buffered(1)) instead of two, so long sequences fit the VMEM budget; the
+        price is that the next head's copy is not overlapped with this head's compute."""
+        if self.target != "tpu":
+            return pl.BlockSpec(block_shape, index_map)
+        return pl.BlockSpec(block_shape, index_map, pipeline_mode=pl.Buffered(1))
+
     def call(self, kernel, **kw):
         return pl.pallas_call(functools.partial(kernel, cfg=self), interpret=self.interpret,
                               compiler_params=compiler_params(self.target, _PARALLEL), **kw)
@@ -140,8 +148,7 @@ def _forward(q, k, v, cfg: _Config):
     B, H, Nq, Dp = q.shape
     Nk = k.shape[2]
     q_spec = pl.BlockSpec((None, None, cfg.block_q, Dp), lambda b, h, i: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, Nk, Dp),
-                           lambda b, h, i: (b, _kv_head(h, cfg.group), 0, 0))
+    kv_spec = cfg.resident((None, None, Nk, Dp), lambda b, h, i: (b, _kv_head(h, cfg.group), 0, 0))
     lse_spec = pl.BlockSpec((None, None, cfg.block_q, cfg.lanes), lambda b, h, i: (b, h, i, 0))
     return cfg.call(
         _fwd_kernel, grid=(B, H, Nq // cfg.block_q),
@@ -211,8 +218,8 @@ def _backward(cfg: _Config, res, do):
     delta = jnp.sum(o.astype(F32) * do.astype(F32), axis=-1, keepdims=True)  # D, (B, H, Nq, 1)
     delta = jnp.broadcast_to(delta, (B, H, Nq, lanes))                      # L's layout
     # dK, dV: one program per key block of one K/V head; it sees its group's G query heads.
-    grp = pl.BlockSpec((None, G, Nq, Dp), lambda b, hk, j: (b, hk, 0, 0))
-    grp_row = pl.BlockSpec((None, G, Nq, lanes), lambda b, hk, j: (b, hk, 0, 0))
+    grp = cfg.resident((None, G, Nq, Dp), lambda b, hk, j: (b, hk, 0, 0))
+    grp_row = cfg.resident((None, G, Nq, lanes), lambda b, hk, j: (b, hk, 0, 0))
     kv_blk = pl.BlockSpec((None, None, cfg.block_k, Dp), lambda b, hk, j: (b, hk, j, 0))
     dk, dv = cfg.call(
         _dkdv_kernel, grid=(B, Hkv, Nk // cfg.block_k),
@@ -223,7 +230,7 @@ def _backward(cfg: _Config, res, do):
     # dQ: one program per query block, looping over key blocks, like the forward.
     q_blk = pl.BlockSpec((None, None, cfg.block_q, Dp), lambda b, h, i: (b, h, i, 0))
     row_blk = pl.BlockSpec((None, None, cfg.block_q, lanes), lambda b, h, i: (b, h, i, 0))
-    kv_all = pl.BlockSpec((None, None, Nk, Dp), lambda b, h, i: (b, _kv_head(h, G), 0, 0))
+    kv_all = cfg.resident((None, None, Nk, Dp), lambda b, h, i: (b, _kv_head(h, G), 0, 0))
     dq = cfg.call(
         _dq_kernel, grid=(B, H, Nq // cfg.block_q),
         in_specs=[q_blk, q_blk, row_blk, row_blk, kv_all, kv_all], out_specs=q_blk,
