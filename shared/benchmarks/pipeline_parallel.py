@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from kernels.device import gpu_available
 from shared import roofline
+from shared.benchmarks import record
 from shared.device import pick
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
@@ -204,16 +205,27 @@ def gpu_prediction(hw: str, cfg: LlamaConfig, layers_per_stage: int, microbatch:
     return {"forward_s": f, "send_s": send, "send_over_forward": send / f}
 
 
-def main() -> None:
+def main() -> int:
+    if gpu_available():
+        import torch
+
+        if torch.cuda.device_count() < P:
+            # Each rank owns a GPU (NCCL); fewer GPUs would put ranks on the CPU under gloo
+            # and time that instead, so nothing is measured rather than the wrong thing.
+            record("pipeline parallelism (skipped)",
+                   {"note": f"needs {P} GPUs, one per rank; this machine has "
+                            f"{torch.cuda.device_count()}"})
+            return 0
     jobs = plan()
     print(f"pipeline-parallel: {len(jobs)} jobs on {P} ranks, slot {slot_s()} s, "
           f"model {SPEC.config}")
     results = run(jobs)
-    print(f"{'schedule':18} {'m':>3} {'bubble':>7} {'model':>7}")
     for name in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"):
         for r in sweep(results, name):
             m, v = r.job.num_microbatches, r.job.chunks
-            print(f"{name:18} {m:3d} {r.bubble:7.3f} {predicted_bubble(name, m, v):7.3f}")
+            record("bubble fraction, measured vs model",
+                   {"schedule": name, "m": m, "bubble": r.bubble,
+                    "model": predicted_bubble(name, m, v)})
     for label in ("emulated", "compute"):
         for name in TORCH_SCHEDULES:
             try:
@@ -221,10 +233,10 @@ def main() -> None:
                 theirs = find(results, label, "torch", name)
             except KeyError:
                 continue
-            ratio = ours.throughput / theirs.throughput
-            print(f"{label:8} {name:17} ours {ours.throughput:9.0f} tok/s, "
-                  f"torch.distributed.pipelining {theirs.throughput:9.0f} tok/s, "
-                  f"ratio {ratio:.2f}")
+            record("ours vs torch.distributed.pipelining, tokens/s",
+                   {"stages": label, "schedule": name, "ours": ours.throughput,
+                    "torch": theirs.throughput, "ratio": ours.throughput / theirs.throughput})
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ On a CUDA machine the same sweep runs on the GPU with the Triton kernels.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from kernels.device import INTERPRET, gpu_available
 from kernels.sampling import gumbel_sample, speculative_accept
 from shared import bench, iocount, roofline
+from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 from shared.data import train_val_tokens
 from shared.device import pick
 from shared.inference.generate import generate
@@ -73,7 +75,8 @@ def run_ar(s: Setup) -> list[torch.Tensor]:
 
 
 def run_spec(s: Setup, drafter: Drafter, gamma: int, temperature: float = 0.0, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+    # the sampling kernels draw their uniforms on the model's device, with this generator
+    gen = torch.Generator(device=s.target.lm_head.weight.device).manual_seed(seed)
     return [speculative_generate(s.target, drafter, p, s.n_new, gamma=gamma,
                                  temperature=temperature, generator=gen) for p in s.prompts]
 
@@ -247,25 +250,69 @@ def gpu_prediction(traffic: dict, hw: str = "H100 SXM") -> dict:
             "accept_fraction": accept.time_s / forward.time_s}
 
 
-def main() -> None:
+def gpu_main(repeat: int = 3) -> int:
+    """On a CUDA GPU, greedy, B = 1: per drafter, γ chosen by the paper's model from α and c
+    measured in a separate pass, then ours speculative against our autoregressive decoding,
+    interleaved; tokens/s and the % of the memory roofline (every weight read once per target
+    call). Then transformers' generate on the same weights, when transformers is installed."""
+    s = setup()
+    hw, n_tokens = gpu_hardware(), s.n_new * len(s.prompts)
+    weight_bytes = 4 * s.target.num_params()   # fp32 weights, read once per target call
+    gammas = {}
+    with torch.no_grad():
+        for name, drafter in s.drafters.items():
+            if out_of_time(reserve_s=20):
+                break
+            c = cost_ratio(s.target, drafter)["c"]
+            alpha = merged_acceptance(run_spec(s, drafter, 4))[0]      # the choosing pass
+            gammas[name] = g = best_gamma(alpha, c)
+            t = bench.compare({"ar": lambda: run_ar(s),
+                               "spec": lambda d=drafter, g=g: run_spec(s, d, g)},
+                              warmup=1, repeat=repeat)
+            runs = run_spec(s, drafter, g)                               # the measured pass
+            _, _, tpc, _ = merged_acceptance(runs)
+            calls = n_tokens / tpc                                       # target calls made
+            record("speculative decoding, greedy, B = 1 (CUDA)", {
+                "drafter": name, "gamma": g, "alpha": alpha, "c": c,
+                "ar tokens/s": n_tokens / t["ar"].p20_s,
+                "spec tokens/s": n_tokens / t["spec"].p20_s,
+                "speedup": t["ar"].p20_s / t["spec"].p20_s,
+                "model speedup": model_speedup(alpha, g, c),
+                "ar % roofline": pct_of_roofline(t["ar"].p20_s / n_tokens, 0.0, weight_bytes,
+                                                 hw, "fp32"),
+                "spec % roofline": pct_of_roofline(t["spec"].p20_s / calls, 0.0, weight_bytes,
+                                                   hw, "fp32"),
+                "hardware": hw})
+    if importlib.util.find_spec("transformers") is None:
+        print("note: transformers is not installed: no generate() side by side")
+    elif len(gammas) == len(s.drafters) and not out_of_time(reserve_s=30):
+        for name, r in transformers_side_by_side(s, gammas, repeat=2).items():
+            record("ours vs transformers generate(), greedy, B = 1 (CUDA)",
+                   {"impl": name, **r})
+    return 0
+
+
+def main() -> int:
+    if gpu_available() and not INTERPRET:
+        return gpu_main()
     torch.set_num_threads(1)  # decode-sized matmuls: threads add only spin-wait noise on a CPU
     s = setup()
     print(f"{len(s.prompts)} prompts × {s.n_new} new tokens, greedy, B = 1")
     rows = sweep(s)
-    print(f"{'drafter':12} {'γ':>2} {'α':>5} {'tok/call':>8} {'model':>6} {'c':>5} "
-          f"{'speed-up':>8} {'model':>6} same")
     for r in rows:
-        print(f"{r['drafter'][:12]:12} {r['gamma']:2d} {r['alpha']:5.2f} "
-              f"{r['tokens_per_call']:8.2f} {r['tokens_per_call_model']:6.2f} {r['c']:5.2f} "
-              f"{r['speedup']:8.2f} {r['speedup_model']:6.2f} {r['identical']}")
+        record("speculative decoding sweep, greedy, B = 1 (CPU wall clock)",
+               {k: v for k, v in r.items() if k != "acceptance_by_position"})
     best = {name: max((r for r in rows if r["drafter"] == name), key=lambda r: r["speedup"])
             for name in s.drafters}
+    if out_of_time():
+        return 0
     side = transformers_side_by_side(s, {n: b["gamma"] for n, b in best.items()})
     for name, r in side.items():
-        print(f"{name:42} {r['tokens_per_s']:8.1f} tokens/s  identical={r['identical']}")
+        record("ours vs transformers generate(), greedy, B = 1 (CPU)", {"impl": name, **r})
     if INTERPRET:
         traffic = kernel_traffic()
-        print(traffic, gpu_prediction(traffic))
+        record("sampling kernels' traffic, counted", {**traffic, **gpu_prediction(traffic)})
+    return 0
 
 
 if __name__ == "__main__":
