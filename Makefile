@@ -9,6 +9,7 @@ LAB    ?=
 WORKERS ?= 2
 
 .PHONY: setup test lint unit nbval lab run-lab list-labs bench claims models clean distclean
+.PHONY: gpu-check
 
 setup: $(STAMP)
 
@@ -54,6 +55,12 @@ claims: setup
 # shared/models/checkpoints/; add ARGS=--ship to overwrite those). About 20-40 min on 2 cores.
 models: setup
 	$(BIN)/python -m shared.models.zoo --threads 1 $(ARGS)
+
+# One prepared run on an NVIDIA machine with no network: the machine's own python3, torch,
+# triton and jax (PYTHONPATH=., no venv, so no `setup`); report in $(OUT) (README, "On a GPU").
+OUT ?= build/gpu-run
+gpu-check:
+	PYTHONPATH=. python3 scripts/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis
