@@ -54,6 +54,35 @@ if INTERPRET:
 POISON: bool = _flag("KC_POISON", INTERPRET)
 
 
+_compile_target: str | None = None  # set inside kernels.compile_only.compile_only
+
+
+def target() -> str | None:
+    """The GPU the Triton launchers choose configs for: "sm_80", "sm_90", ... (the target of an
+    enclosing `compile_only`, else the visible GPU), or None under the interpreter."""
+    if _compile_target is not None:
+        return _compile_target
+    if INTERPRET or not gpu_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def capability() -> int:
+    """target() as an int (80, 90, ...); 0 under the interpreter, where configs do not matter
+    for speed and the portable (smallest) config is the one to test."""
+    t = target()
+    return 0 if t is None else int(t.removeprefix("sm_"))
+
+
+def compile_only(target_name: str):
+    """Compile every Triton launch in the block for `target_name` without running it; yields
+    the list of compiled kernels (kernels.compile_only explains; needs KC_INTERPRET=0)."""
+    from kernels.compile_only import compile_only as impl
+
+    return impl(target_name)
+
+
 def pallas_interpret() -> bool:
     """Pass as `interpret=` to pallas_call: True when JAX has only the CPU.
 

@@ -134,6 +134,22 @@ def cmd_claims(args) -> int:
     return 0
 
 
+def cmd_compile(args) -> int:
+    """Compile every public kernel for real GPUs/TPU from this machine (shared/compile_report)."""
+    from shared import compile_report
+
+    try:
+        compile_report.parse_targets(args.target)
+    except ValueError as e:
+        print(f"kclub: {e}", file=sys.stderr)
+        return 2
+    child = compile_report.in_compile_mode(["compile", "--target", args.target]
+                                           + (["--json"] if args.json else []))
+    if child is not None:
+        return child
+    return compile_report.main(args.target, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kclub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--lab")
     cl.add_argument("--json", action="store_true", help="the same data as JSON")
     cl.set_defaults(fn=cmd_claims)
+    comp = sub.add_parser("compile", help="compile every kernel for sm_80/sm_90 and lower the "
+                          "Pallas ones for TPU, from this machine: registers, spills, shared "
+                          "memory, instruction mix; non-zero exit on any failure")
+    comp.add_argument("--target", default="sm_80,sm_90,tpu",
+                      help="comma-separated: sm_80, sm_90, tpu (default: all)")
+    comp.add_argument("--json", action="store_true", help="JSON instead of a table")
+    comp.set_defaults(fn=cmd_compile)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

@@ -78,20 +78,34 @@ def check_causal(causal) -> bool:
 
 @dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes: block_m rows of Q (Br in FA1), block_n rows of K/V (Bc) per step.
+    """Tile sizes: block_m rows of Q (Br in FA1), block_n rows of K/V (Bc) per step; and, for
+    the Triton kernels on a GPU, the warps per program and the software-pipeline depth.
 
     Powers of two >= 16 (tl.dot needs K >= 16 for 16-bit inputs; GPU block shapes are powers
-    of two). The same tiles serve the forward and both backward kernels.
+    of two). Given by the caller, the same tiles serve the forward and both backward kernels;
+    left out, each pass gets its own per-GPU config (kernels/attention/configs.py).
     """
 
     block_m: int = 64
     block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             b = getattr(self, name)
             if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not (
+                1 <= self.num_stages <= 8):
+            raise ValueError(f"num_stages must be an int in 1..8, got {self.num_stages!r}")
+
+    @property
+    def launch(self) -> dict:
+        """The Triton launch options: `kernel[grid](..., **blocks.launch)`."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
 def padded_head_dim(head_dim: int) -> int:

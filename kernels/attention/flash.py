@@ -10,6 +10,7 @@ from kernels.attention._args import (
     check_causal,
     softmax_scale,
 )
+from kernels.attention.configs import default_blocks
 from kernels.attention.triton_bwd import flash_backward
 from kernels.attention.triton_fwd import flash_forward
 from kernels.device import INTERPRET
@@ -32,10 +33,13 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, shape, causal, sm_scale, blocks):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = flash_forward(q, k, v, shape, causal, sm_scale, blocks)
+        size = q.element_size()
+        fwd = blocks or default_blocks("forward", shape.head_dim, size)
+        o, lse = flash_forward(q, k, v, shape, causal, sm_scale, fwd)
         # Saved: inputs, O and L (B·H·Nq floats), never S or P (FA1 §3.1).
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.shape, ctx.causal, ctx.sm_scale, ctx.blocks = shape, causal, sm_scale, blocks
+        ctx.shape, ctx.causal, ctx.sm_scale = shape, causal, sm_scale
+        ctx.blocks = blocks or default_blocks("backward", shape.head_dim, size)
         return o
 
     @staticmethod
@@ -53,13 +57,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim), kv_heads
     dividing heads (MQA/GQA). head_dim 16..128; fp16/fp32 (and bf16 on a GPU). `causal` masks
-    bottom-right aligned; sm_scale defaults to 1/sqrt(head_dim).
+    bottom-right aligned; sm_scale defaults to 1/sqrt(head_dim). `block_sizes` left out, the
+    forward and backward each take their config for this GPU (kernels/attention/configs.py).
     """
     shape = check_torch_inputs(q, k, v)
     causal = check_causal(causal)
     scale = softmax_scale(sm_scale, shape.head_dim)
-    if block_sizes is None:
-        block_sizes = BlockSizes()
-    if not isinstance(block_sizes, BlockSizes):
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
     return FlashAttention.apply(q, k, v, shape, causal, scale, block_sizes)

@@ -23,6 +23,7 @@ import triton.language as tl
 from kernels.attention._args import BlockSizes, check_causal, softmax_scale
 from kernels.attention.flash import check_torch_inputs
 from kernels.device import new_output
+from kernels.launch import flat_grid, split_program_id
 
 
 @triton.jit
@@ -31,9 +32,9 @@ def bmm_kernel(A, B, C, M, N, K, alpha,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[z] = alpha · A[z] @ B[z]; C contiguous (Z, M, N). Transposes are stride swaps."""
     n_blocks = tl.cdiv(N, BLOCK_N)
-    offs_m = (tl.program_id(0) // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (tl.program_id(0) % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    z = tl.program_id(1).to(tl.int64)
+    tile, z = split_program_id(tl.cdiv(M, BLOCK_M) * n_blocks)   # tiles of C fastest, then z
+    offs_m = (tile // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tile % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # pointers built once and advanced by BLOCK_K per step (cheaper in the interpreter too)
     a_ptrs = A + z * stride_az + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -56,10 +57,11 @@ def bmm_kernel(A, B, C, M, N, K, alpha,
 def softmax_kernel(S, P, seq_q, seq_k, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """P = softmax(S) row by row (bottom-right causal mask); S, P contiguous (Z, Nq, Nk)."""
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_block, z = split_program_id(tl.cdiv(seq_q, ROWS))
+    offs_m = row_block * ROWS + tl.arange(0, ROWS)
     offs_n = tl.arange(0, BLOCK_K)                           # one whole row per block
     ok = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
-    off = tl.program_id(1).to(tl.int64) * seq_q * seq_k + offs_m[:, None] * seq_k + offs_n[None, :]
+    off = z * seq_q * seq_k + offs_m[:, None] * seq_k + offs_n[None, :]
     s = tl.load(S + off, mask=ok, other=float("-inf")).to(tl.float32)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q), s, float("-inf"))
@@ -73,10 +75,11 @@ def softmax_kernel(S, P, seq_q, seq_k, CAUSAL: tl.constexpr, ROWS: tl.constexpr,
 def softmax_bwd_kernel(P, DP, DS, seq_q, seq_k, sm_scale, ROWS: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """dS = sm_scale · P ∘ (dP − rowsum(P ∘ dP)) (FA1 eq. (3)/Algorithm 3), row by row."""
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_block, z = split_program_id(tl.cdiv(seq_q, ROWS))
+    offs_m = row_block * ROWS + tl.arange(0, ROWS)
     offs_n = tl.arange(0, BLOCK_K)
     ok = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
-    off = tl.program_id(1).to(tl.int64) * seq_q * seq_k + offs_m[:, None] * seq_k + offs_n[None, :]
+    off = z * seq_q * seq_k + offs_m[:, None] * seq_k + offs_n[None, :]
     p = tl.load(P + off, mask=ok, other=0.0).to(tl.float32)
     dp = tl.load(DP + off, mask=ok, other=0.0).to(tl.float32)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None]) * sm_scale
@@ -87,7 +90,7 @@ def _bmm(a, b, alpha, blocks: BlockSizes):
     """alpha · (Z, M, K) @ (Z, K, N) → (Z, M, N) contiguous; a, b may be transposed views."""
     (Z, M, K), N = a.shape, b.shape[2]
     c = new_output((Z, M, N), a.dtype, a.device)
-    grid = (triton.cdiv(M, blocks.block_m) * triton.cdiv(N, blocks.block_n), Z)
+    grid = flat_grid(triton.cdiv(M, blocks.block_m) * triton.cdiv(N, blocks.block_n), Z)
     bmm_kernel[grid](a, b, c, M, N, K, alpha, *a.stride(), *b.stride(),
                      BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=64)
     return c
@@ -96,7 +99,7 @@ def _bmm(a, b, alpha, blocks: BlockSizes):
 def _rowwise(kernel, seq_q, seq_k, z, *args, **meta):
     block_k = triton.next_power_of_2(seq_k)
     rows = max(1, min(16, 8192 // block_k))    # keep a block at ≤ 8K elements
-    kernel[(triton.cdiv(seq_q, rows), z)](*args, ROWS=rows, BLOCK_K=block_k, **meta)
+    kernel[flat_grid(triton.cdiv(seq_q, rows), z)](*args, ROWS=rows, BLOCK_K=block_k, **meta)
 
 
 class StandardAttention(torch.autograd.Function):

@@ -25,19 +25,21 @@ import triton.language as tl
 from kernels.attention._args import AttentionShape, BlockSizes, padded_head_dim
 from kernels.attention.triton_fwd import LOG2E_K, attention_mask, causal_kv_end
 from kernels.device import new_output
+from kernels.launch import flat_grid, split_program_id
 
 
 @triton.jit
 def flash_bwd_preprocess_kernel(O, DO, D, seq_q, head_dim,
                                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """D = rowsum(dO ∘ O): (B·H, Nq), fp32. O and dO contiguous (B·H, Nq, head_dim)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_block, bh = split_program_id(tl.cdiv(seq_q, BLOCK_M))
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < seq_q) & (offs_d[None, :] < head_dim)
-    rows = tl.program_id(1) * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
+    rows = bh * seq_q * head_dim + offs_m[:, None] * head_dim + offs_d[None, :]
     o = tl.load(O + rows, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DO + rows, mask=ok, other=0.0).to(tl.float32)
-    tl.store(D + tl.program_id(1) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+    tl.store(D + bh * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -60,8 +62,8 @@ def flash_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bh_kv = tl.program_id(1).to(tl.int64)   # b · kv_heads + h_kv
+    n_block, bh_kv = split_program_id(tl.cdiv(seq_k, BLOCK_N))   # bh_kv = b · kv_heads + h_kv
+    start_n = n_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
@@ -99,8 +101,8 @@ def flash_bwd_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    m_block, bh = split_program_id(tl.cdiv(seq_q, BLOCK_M))
+    start_m = m_block * BLOCK_M
     bh_kv = bh // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -129,15 +131,17 @@ def flash_backward(q, k, v, o, lse, do, shape: AttentionShape, causal: bool, sm_
     B, H, Hkv = shape.batch, shape.heads, shape.kv_heads
     BLOCK_D = padded_head_dim(shape.head_dim)
     delta = new_output((B, H, shape.seq_q), torch.float32, q.device)
-    grid_q = (triton.cdiv(shape.seq_q, blocks.block_m), B * H)
+    grid_q = flat_grid(triton.cdiv(shape.seq_q, blocks.block_m), B * H)
     flash_bwd_preprocess_kernel[grid_q](o, do, delta, shape.seq_q, shape.head_dim,
-                                        BLOCK_M=blocks.block_m, BLOCK_D=BLOCK_D)
+                                        BLOCK_M=blocks.block_m, BLOCK_D=BLOCK_D,
+                                        **blocks.launch)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    common = dict(CAUSAL=causal, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=BLOCK_D)
+    common = dict(CAUSAL=causal, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_D=BLOCK_D,
+                  **blocks.launch)
     sizes = (shape.group, shape.seq_q, shape.seq_k, shape.head_dim, sm_scale)
-    flash_bwd_dkdv_kernel[(triton.cdiv(shape.seq_k, blocks.block_n), B * Hkv)](
+    flash_bwd_dkdv_kernel[flat_grid(triton.cdiv(shape.seq_k, blocks.block_n), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *sizes, **common)
     flash_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, *sizes, **common)
     return dq, dk, dv

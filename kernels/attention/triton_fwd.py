@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kernels.attention._args import AttentionShape, BlockSizes, padded_head_dim
 from kernels.device import new_output
+from kernels.launch import flat_grid, split_program_id
 
 LOG2E = math.log2(math.e)
 LN2 = tl.constexpr(math.log(2.0))
@@ -54,8 +55,9 @@ def flash_fwd_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)     # b · heads + h; int64: offsets pass 2^31
+    # one flat grid axis: query block fastest, then b · heads + h (int64: offsets pass 2^31)
+    m_block, bh = split_program_id(tl.cdiv(seq_q, BLOCK_M))
+    start_m = m_block * BLOCK_M
     bh_kv = bh // group                  # GQA: the K/V head h // group (group | heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -105,11 +107,11 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: Atte
     """
     o = new_output(q.shape, q.dtype, q.device)
     lse = new_output((shape.batch, shape.heads, shape.seq_q), torch.float32, q.device)
-    grid = (triton.cdiv(shape.seq_q, blocks.block_m), shape.batch * shape.heads)
+    grid = flat_grid(triton.cdiv(shape.seq_q, blocks.block_m), shape.batch * shape.heads)
     flash_fwd_kernel[grid](
         q, k, v, o, lse,
         shape.group, shape.seq_q, shape.seq_k, shape.head_dim, sm_scale * LOG2E,
         CAUSAL=causal, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        BLOCK_D=padded_head_dim(shape.head_dim),
+        BLOCK_D=padded_head_dim(shape.head_dim), **blocks.launch,
     )
     return o, lse

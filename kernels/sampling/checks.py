@@ -16,9 +16,12 @@ import math
 
 import torch
 
+from kernels.device import INTERPRET
 from kernels.validate import check_same_device, check_tensor
 
-PROB_DTYPES = (torch.float32, torch.float16, torch.float64)
+# bf16 only off the interpreter, which computes bf16 on the raw bits (CPU-NOTES.md)
+PROB_DTYPES = (torch.float32, torch.float16, torch.float64) + (() if INTERPRET else (
+    torch.bfloat16,))
 TOKEN_DTYPES = (torch.int32, torch.int64)
 
 

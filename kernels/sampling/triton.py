@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.device import new_output
+from kernels.launch import offset
 from kernels.sampling.checks import (
     check_accept_inputs,
     check_logits,
@@ -46,15 +47,17 @@ def _gumbel(u):
 def gumbel_sample_kernel(logits_ptr, u_ptr, out_ptr, V, stride_l, inv_temp,
                          GREEDY: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
+    logits_row = logits_ptr + offset(row, stride_l)   # int64: B·V passes 2^31 at big vocabularies
+    u_row = u_ptr + offset(row, V)
     best = -float("inf")
     best_idx = 0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        x = tl.load(logits_ptr + row * stride_l + offs, mask=mask, other=-float("inf"))
+        x = tl.load(logits_row + offs, mask=mask, other=-float("inf"))
         score = x.to(tl.float32)
         if not GREEDY:
-            u = tl.load(u_ptr + row * V + offs, mask=mask, other=0.0)
+            u = tl.load(u_row + offs, mask=mask, other=0.0)
             score = score * inv_temp + _gumbel(u)
         score = tl.where(mask, score, -float("inf"))
         best, best_idx = _argmax_update(best, best_idx, score, offs)
@@ -85,8 +88,8 @@ def gumbel_sample(logits: torch.Tensor, *, temperature: float = 1.0,
 def speculative_accept_kernel(tok_ptr, q_ptr, p_ptr, ua_ptr, us_ptr, n_out_ptr, next_out_ptr,
                               GAMMA, V, BLOCK_G: tl.constexpr, BLOCK_V: tl.constexpr):
     b = tl.program_id(0)
-    q_row = q_ptr + b * GAMMA * V  # draft_probs[b]: [γ, V]
-    p_row = p_ptr + b * (GAMMA + 1) * V  # target_probs[b]: [γ+1, V]
+    q_row = q_ptr + offset(b, GAMMA * V)  # draft_probs[b]: [γ, V]; B·(γ+1)·V may pass 2^31
+    p_row = p_ptr + offset(b, (GAMMA + 1) * V)  # target_probs[b]: [γ+1, V]
     # 1. Accept x_i with probability min(1, p_i(x_i)/q_i(x_i)): u_i * q < p (Alg. 1).
     i = tl.arange(0, BLOCK_G)
     gmask = i < GAMMA
@@ -108,7 +111,7 @@ def speculative_accept_kernel(tok_ptr, q_ptr, p_ptr, ua_ptr, us_ptr, n_out_ptr, 
         mask = offs < V
         pv = tl.load(p_row + n * V + offs, mask=mask, other=0.0).to(tl.float32)
         qv = tl.load(q_n + offs, mask=offs < q_len, other=0.0).to(tl.float32)
-        g = _gumbel(tl.load(us_ptr + b * V + offs, mask=mask, other=0.0))
+        g = _gumbel(tl.load(us_ptr + offset(b, V) + offs, mask=mask, other=0.0))
         r = tl.maximum(pv - qv, 0.0)
         score = tl.where(mask & (r > 0), tl.log(r) + g, -float("inf"))
         score_p = tl.where(mask & (pv > 0), tl.log(pv) + g, -float("inf"))

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from kernels.device import INTERPRET, new_output
+from kernels.launch import grid as launch_grid
+from kernels.launch import offset
 from kernels.validate import FLOAT_DTYPES, check_dim, check_tensor
 
 TILE_ELEMENTS = 8192  # elements per program tile: BLOCK_M × BLOCK_N
@@ -32,16 +34,14 @@ def _rescaled_exp(x, m):
 
 
 @triton.jit
-def _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d,
-               BLOCK_N: tl.constexpr):
+def _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N: tl.constexpr):
     """The last sweep of both algorithms: read x again, write exp(x − m) / d (1 load, 1 store).
     A row that is all −inf gives 0/0 = NaN, as torch does."""
     for start in range(0, n_cols, BLOCK_N):
         mask = row_ok & (start + cols < n_cols)
-        x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
+        x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
         y = tl.exp(x.to(tl.float32) - m) / d
-        tl.store(out_ptr + rows * stride_out + start + cols,
-                 y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + start + cols, y.to(out_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -51,29 +51,30 @@ def softmax_online_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]   # [BLOCK_M, 1]
     cols = tl.arange(0, BLOCK_N)[None, :]                                 # [1, BLOCK_N]
     row_ok = rows < n_rows
+    x_rows = x_ptr + offset(rows, stride_x)         # [BLOCK_M, 1] row starts, int64 offsets
+    out_rows = out_ptr + offset(rows, stride_out)
     if ONE_TILE:  # the row fits: load once, keep it in registers
         mask = row_ok & (cols < n_cols)
-        x = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=float("-inf"))
+        x = tl.load(x_rows + cols, mask=mask, other=float("-inf"))
         x = x.to(tl.float32)
         m = tl.max(x, axis=1, keep_dims=True)
         e = tl.exp(x - m)
         y = e / tl.sum(e, axis=1, keep_dims=True)
-        tl.store(out_ptr + rows * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # Pass 1 (Alg. 3, lines 1-6): running max m and running normaliser d in one sweep.
         m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
         d = tl.zeros([BLOCK_M, 1], tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             mask = row_ok & (start + cols < n_cols)
-            x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
+            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
             x = x.to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=1, keep_dims=True))
             d = d * _rescaled_exp(m, m_new) + tl.sum(_rescaled_exp(x, m_new), axis=1,
                                                      keep_dims=True)
             m = m_new
         # Pass 2 (lines 7-9): y_i = exp(x_i − m) / d.
-        _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d,
-                   BLOCK_N)
+        _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N)
 
 
 @triton.jit
@@ -83,17 +84,18 @@ def softmax_safe_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     row_ok = rows < n_rows
+    x_rows = x_ptr + offset(rows, stride_x)
     m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         mask = row_ok & (start + cols < n_cols)
-        x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
+        x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
         m = tl.maximum(m, tl.max(x.to(tl.float32), axis=1, keep_dims=True))
     d = tl.zeros([BLOCK_M, 1], tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         mask = row_ok & (start + cols < n_cols)
-        x = tl.load(x_ptr + rows * stride_x + start + cols, mask=mask, other=float("-inf"))
+        x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
         d += tl.sum(_rescaled_exp(x.to(tl.float32), m), axis=1, keep_dims=True)
-    _normalise(x_ptr, out_ptr, rows, cols, row_ok, n_cols, stride_x, stride_out, m, d, BLOCK_N)
+    _normalise(x_rows, out_ptr + offset(rows, stride_out), cols, row_ok, n_cols, m, d, BLOCK_N)
 
 
 def _check_block_size(block_size: int | None, n_cols: int) -> int:
@@ -125,7 +127,7 @@ def _launch(kernel, x: torch.Tensor, dim: int, block_size: int | None, **extra) 
     out = new_output(rows.shape, rows.dtype, rows.device)
     if kernel is softmax_online_kernel:
         extra["ONE_TILE"] = n_cols <= block_n
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = launch_grid(triton.cdiv(n_rows, block_m))
     kernel[grid](rows, out, n_rows, n_cols, rows.stride(0), out.stride(0),
                  BLOCK_M=block_m, BLOCK_N=block_n, **extra)
     shape = x.movedim(dim, -1).shape
