@@ -8,7 +8,7 @@ LAB    ?=
 # pytest workers: the machine has 2 cores; notebooks and test files are spread whole (loadfile)
 WORKERS ?= 2
 
-.PHONY: setup test lint unit nbval lab run-lab list-labs bench claims models clean distclean
+.PHONY: setup test lint unit nbval lab run-lab list-labs bench claims compile models clean distclean
 .PHONY: gpu-check
 
 setup: $(STAMP)
@@ -50,6 +50,11 @@ bench: setup
 
 claims: setup
 	@$(BIN)/kclub claims
+
+# Every kernel compiled for sm_80/sm_90 and lowered for TPU, from this machine (no GPU needed):
+# registers, spills, shared memory, instruction mix. make test runs it (tests/test_compile.py).
+compile: setup
+	$(BIN)/kclub compile $(if $(TARGET),--target $(TARGET))
 
 # Retrain the tiny models into build/models/ (the labs use the checkpoints shipped in
 # shared/models/checkpoints/; add ARGS=--ship to overwrite those). About 20-40 min on 2 cores.

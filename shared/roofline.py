@@ -23,6 +23,11 @@ class Hardware:
     mem_bw: float                 # bytes/s to main memory (HBM)
     sram_bytes: int = 0           # on-chip memory per SM / core that a kernel tiles into
     source: str = ""
+    sms: int = 0                  # streaming multiprocessors (GPUs only)
+    max_warps_per_sm: int = 64
+    # HBM load-to-use latency. Approximate: microbenchmarks report 400-600 core cycles on A100
+    # and H100 (≈ 300-500 ns); `occupancy_bandwidth` is only as good as this number.
+    mem_latency_s: float = 500e-9
 
     def peak(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -38,13 +43,14 @@ class Hardware:
 HARDWARE: dict[str, Hardware] = {
     "H100 SXM": Hardware(
         "H100 SXM", {"fp16": 989.4 * T, "bf16": 989.4 * T, "tf32": 494.7 * T, "fp32": 66.9 * T,
-                     "fp8": 1978.9 * T}, 3.35e12, 228 * 1024, "NVIDIA H100 datasheet, SXM5"),
+                     "fp8": 1978.9 * T}, 3.35e12, 228 * 1024, "NVIDIA H100 datasheet, SXM5",
+        sms=132),
     "H200": Hardware(
         "H200", {"fp16": 989.4 * T, "bf16": 989.4 * T, "tf32": 494.7 * T, "fp32": 66.9 * T,
-                 "fp8": 1978.9 * T}, 4.8e12, 228 * 1024, "NVIDIA H200 datasheet, SXM"),
+                 "fp8": 1978.9 * T}, 4.8e12, 228 * 1024, "NVIDIA H200 datasheet, SXM", sms=132),
     "A100 80GB": Hardware(
         "A100 80GB", {"fp16": 312 * T, "bf16": 312 * T, "tf32": 156 * T, "fp32": 19.5 * T},
-        2.039e12, 164 * 1024, "NVIDIA A100 datasheet, SXM 80 GB"),
+        2.039e12, 164 * 1024, "NVIDIA A100 datasheet, SXM 80 GB", sms=108),
     "TPU v5e": Hardware(
         "TPU v5e", {"bf16": 197 * T, "fp16": 197 * T, "int8": 394 * T}, 819e9, 128 * 1024**2,
         "Google Cloud TPU v5e documentation (VMEM is per core, sized by the compiler)"),
@@ -91,6 +97,23 @@ def predict(flops: float, bytes_moved: float, hw: Hardware | str, dtype: str = "
                       "compute" if compute >= memory else "memory",
                       flops / bytes_moved if bytes_moved else float("inf"), hw.name, dtype,
                       flops)
+
+
+def occupancy_bandwidth(hw: Hardware | str, occupancy: float,
+                        bytes_in_flight_per_warp: float) -> float:
+    """HBM bandwidth a kernel can sustain at this occupancy, by Little's law:
+    bytes in flight = bandwidth × latency, so bandwidth ≤ resident warps × bytes each warp keeps
+    in flight / latency, capped by the datasheet bandwidth. `occupancy` is the fraction of the
+    SM's warp slots resident (kernels.compile_only reports it from registers and shared memory);
+    bytes in flight per warp is what one warp's outstanding loads cover (a pipelined kernel:
+    num_stages × its tile bytes / num_warps). A prediction, and a rough one: see mem_latency_s."""
+    hw = hardware(hw)
+    if not hw.sms:
+        raise ValueError(f"hw must be a GPU with an SM count, got {hw.name}")
+    if not 0 < occupancy <= 1:
+        raise ValueError(f"occupancy must be in (0, 1], got {occupancy}")
+    warps = occupancy * hw.max_warps_per_sm * hw.sms
+    return min(hw.mem_bw, warps * bytes_in_flight_per_warp / hw.mem_latency_s)
 
 
 def this_cpu(refresh: bool = False) -> Hardware:

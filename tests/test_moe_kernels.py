@@ -224,3 +224,18 @@ def test_topk_route_bad_input_and_renormalisation(device):
     assert torch.equal(r.indices, torch.topk(logits, 2).indices)
     with pytest.raises(ValueError, match="router_probs has 4 experts"):
         load_balancing_loss(r.probs, r.indices, 5)
+
+
+def test_grouped_matmul_bf16_refused_by_the_interpreter_and_computed_on_a_gpu(device):
+    from kernels.device import INTERPRET
+
+    x = torch.randn(10, 16, dtype=torch.bfloat16, device=device)
+    w = torch.randn(2, 16, 8, dtype=torch.bfloat16, device=device)
+    sizes = torch.tensor([4, 6], device=device)
+    if INTERPRET:  # the interpreter computes bf16 on the raw bits: refused, not wrong
+        with pytest.raises(TypeError, match="x must have dtype"):
+            grouped_matmul(x, w, sizes)
+    else:
+        ref = torch.cat([x[:4].double() @ w[0].double(), x[4:].double() @ w[1].double()])
+        out = grouped_matmul(x, w, sizes).double()
+        assert (out - ref).norm() / ref.norm() < 2e-2
