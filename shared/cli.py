@@ -140,14 +140,16 @@ def cmd_compile(args) -> int:
 
     try:
         compile_report.parse_targets(args.target)
+        compile_report.parse_families(args.family)
     except ValueError as e:
         print(f"kclub: {e}", file=sys.stderr)
         return 2
-    child = compile_report.in_compile_mode(["compile", "--target", args.target]
-                                           + (["--json"] if args.json else []))
+    child = compile_report.in_compile_mode(
+        ["compile", "--target", args.target] + (["--json"] if args.json else [])
+        + (["--family", args.family] if args.family else []))
     if child is not None:
         return child
-    return compile_report.main(args.target, args.json)
+    return compile_report.main(args.target, args.json, args.family)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--target", default="sm_80,sm_90,tpu",
                       help="comma-separated: sm_80, sm_90, tpu (default: all)")
     comp.add_argument("--json", action="store_true", help="JSON instead of a table")
+    comp.add_argument("--family", help="comma-separated kernel families: softmax, attention, "
+                      "sampling, moe (default: all)")
     comp.set_defaults(fn=cmd_compile)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

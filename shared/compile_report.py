@@ -118,14 +118,14 @@ def _accept(fn, gamma, v):
     fn(torch.randint(0, v, (2, gamma)), q, p, check_inputs=False)
 
 
-def compile_triton(targets=GPU_TARGETS, progress: bool = True) -> list[dict]:
+def compile_triton(targets=GPU_TARGETS, families=None, progress: bool = True) -> list[dict]:
     """One row per (case, target, compiled kernel); failures are rows with status 'error'."""
     from tqdm import tqdm
 
     from kernels.device import compile_only
 
     rows = []
-    cases = _torch_cases()
+    cases = [c for c in _torch_cases() if not families or c.family in families]
     work = [(c, t) for c in cases for t in targets]
     for case, target in tqdm(work, desc="compile", unit="case", disable=not progress):
         base = {"family": case.family, "case": case.label, "dtype": case.dtype,
@@ -154,8 +154,8 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
 
 
-def _pallas_cases() -> list[tuple[str, Callable, tuple]]:
-    """(name, fn, ShapeDtypeStructs): the labs' shapes, ragged, forward and gradients."""
+def _pallas_cases() -> list[tuple[str, str, Callable, tuple]]:
+    """(family, name, fn, ShapeDtypeStructs): the labs' shapes, ragged, fwd and gradients."""
     import jax
     import jax.numpy as jnp
 
@@ -174,33 +174,38 @@ def _pallas_cases() -> list[tuple[str, Callable, tuple]]:
     cases = []
     for dt in (jnp.float32, jnp.bfloat16):
         tag = jnp.dtype(dt).name
-        cases.append((f"softmax_pallas 256×50000 {tag}", softmax_pallas, (S((256, 50_000), dt),)))
+        cases.append(("softmax", f"softmax_pallas 256×50000 {tag}", softmax_pallas,
+                      (S((256, 50_000), dt),)))
         for d in (64, 128):
             qkv = (S((2, 8, 1000, d), dt), S((2, 2, 1000, d), dt), S((2, 2, 1000, d), dt))
             att = lambda q, k, v: flash_attention_pallas(q, k, v, causal=True)
-            cases.append((f"flash_attention_pallas fwd d={d} GQA 8/2 causal {tag}", att, qkv))
-            cases.append((f"flash_attention_pallas grads d={d} GQA 8/2 causal {tag}",
-                          grads(att), qkv))
+            cases.append(("attention", f"flash_attention_pallas fwd d={d} GQA 8/2 causal {tag}",
+                          att, qkv))
+            cases.append(("attention", f"flash_attention_pallas grads d={d} GQA 8/2 causal "
+                          f"{tag}", grads(att), qkv))
         gmm = lambda x, w: grouped_matmul_pallas(x, w, sizes)
         xw = (S((296, 2048), dt), S((8, 2048, 1408), dt))
-        cases.append((f"grouped_matmul_pallas fwd E=8 2048→1408 {tag}", gmm, xw))
-        cases.append((f"grouped_matmul_pallas grads E=8 2048→1408 {tag}", grads(gmm), xw))
+        cases.append(("moe", f"grouped_matmul_pallas fwd E=8 2048→1408 {tag}", gmm, xw))
+        cases.append(("moe", f"grouped_matmul_pallas grads E=8 2048→1408 {tag}", grads(gmm),
+                      xw))
     return cases
 
 
-def lower_pallas(progress: bool = True) -> list[dict]:
+def lower_pallas(families=None, progress: bool = True) -> list[dict]:
     """Every public Pallas function (forward and gradients) lowered for TPU, f32 and bf16."""
     from kernels.tpu_lowering import lower_for_tpu
 
     rows = []
-    for name, fn, args in _pallas_cases():
+    for family, name, fn, args in _pallas_cases():
+        if families and family not in families:
+            continue
         rec = lower_for_tpu(fn, *args, name=name)
         status = rec["status"]
         if status == "ok" and not rec["tpu_custom_call"]:
             status = "no tpu_custom_call: the Mosaic lowering did not run"
         elif status == "ok" and not rec["fits_vmem"]:
             status = f"VMEM {rec['vmem_bytes']} B > {rec['vmem_budget']}"
-        rows.append(rec | {"family": "pallas", "case": name, "kernel": name,
+        rows.append(rec | {"family": family, "case": name, "kernel": name,
                            "dtype": name.rsplit(" ", 1)[-1], "main": True,
                            "status": "ok" if status == "ok" else f"FAIL: {status[:300]}"})
         if progress:
@@ -208,13 +213,16 @@ def lower_pallas(progress: bool = True) -> list[dict]:
     return rows
 
 
-def run(targets: tuple[str, ...], progress: bool = True) -> list[dict]:
+FAMILIES = ("softmax", "attention", "sampling", "moe")
+
+
+def run(targets: tuple[str, ...], families=None, progress: bool = True) -> list[dict]:
     rows = []
     gpu = tuple(t for t in targets if t in GPU_TARGETS)
     if gpu:
-        rows += compile_triton(gpu, progress)
+        rows += compile_triton(gpu, families, progress)
     if "tpu" in targets:
-        rows += lower_pallas(progress)
+        rows += lower_pallas(families, progress)
     return rows
 
 
@@ -264,11 +272,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(targets_text: str, as_json: bool) -> int:
+def parse_families(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    families = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise ValueError(f"--family must list some of {','.join(FAMILIES)}, got {text!r}")
+    return families
+
+
+def compiled(families: str, targets: str = "sm_80,sm_90,tpu") -> list[dict]:
+    """For a lab (which runs in interpret mode): `kclub compile --json` for some kernel
+    families, in a fresh KC_INTERPRET=0 process; the rows, or RuntimeError with its stderr."""
+    import json
+
+    env = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    run_ = subprocess.run([sys.executable, "-m", "shared.cli", "compile", "--json", "--target",
+                           targets, "--family", families], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    try:
+        return json.loads(run_.stdout)["rows"]
+    except (json.JSONDecodeError, KeyError):
+        raise RuntimeError(f"kclub compile failed ({run_.returncode}):\n"
+                           f"{run_.stderr[-3000:]}") from None
+
+
+def main(targets_text: str, as_json: bool, families_text: str | None = None) -> int:
     import json
 
     targets = parse_targets(targets_text)
-    rows = run(targets, progress=not as_json)
+    rows = run(targets, parse_families(families_text), progress=not as_json)
     bad = failures(rows)
     if as_json:
         print(json.dumps({"targets": targets, "rows": rows, "failures": len(bad)}, indent=1,

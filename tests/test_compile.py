@@ -137,3 +137,11 @@ def test_occupancy_follows_registers_and_shared_memory():
     assert occupancy(h100, 32, 4, 0) == 1.0            # 16 blocks × 4 warps = 64 warps
     assert occupancy(h100, 255, 4, 0) == 0.125         # 64K regs / (256·32) = 8 warps
     assert occupancy(h100, 64, 8, 200 * 1024) == 0.125  # shared memory: one block per SM
+
+
+def test_a_lab_gets_its_families_compiled_from_interpret_mode():
+    from shared.compile_report import compiled
+
+    rows = compiled("sampling", "sm_90")
+    assert {r["kernel"] for r in rows} == {"gumbel_sample_kernel", "speculative_accept_kernel"}
+    assert all(r["status"] == "ok" and r["target"] == "sm_90" for r in rows)
