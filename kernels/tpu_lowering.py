@@ -18,7 +18,6 @@ import os
 
 import jax
 import jax.extend.core as jex
-from jax._src.pallas.core import get_block_size  # BlockDim -> int; not re-exported publicly
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
@@ -99,6 +98,10 @@ def vmem_blocks(fn, *args) -> list[dict]:
     `pl.Buffered(1)`: vmem_bytes = Σ block bytes × buffers. Scalar-prefetch operands live in
     SMEM and are not counted.
     """
+    # BlockDim -> int. Private, so imported here: the kernels import this module for their
+    # compiler params and must not break on a JAX that moved it (the GPU machine's is newer).
+    from jax._src.pallas.core import get_block_size
+
     calls = []
     for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
         mapping = eqn.params["grid_mapping"]
