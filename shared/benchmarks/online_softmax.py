@@ -1,11 +1,15 @@
 """Online softmax: the measurements behind the lab, and `kclub bench online-softmax`.
 
 On any machine: memory accesses per element counted in Triton's interpreter, and the roofline
-prediction they imply on named GPUs. On this CPU: compiled (XLA) wall clock of both algorithms.
-On a CUDA machine: the Triton kernels timed against torch.softmax.
+prediction they imply on named GPUs, with the HBM bandwidth the compiled occupancy can sustain.
+What the compiler made of the kernels (registers, occupancy, load widths) is read in
+`shared.benchmarks.online_softmax_compiled`. On this CPU: compiled (XLA) wall clock of both
+algorithms. On a CUDA machine: the Triton kernels timed against torch.softmax.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +25,11 @@ from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 FLOPS_PER_ELEMENT = 4
 
 
-def accesses_per_element(rows: int, cols: int, block: int, dtype=torch.float32) -> dict:
-    """Counted global-memory accesses per element for both kernels at one row length."""
+def accesses_per_element(rows: int, cols: int, block: int | None, dtype=torch.float32) -> dict:
+    """Counted global-memory accesses per element for both kernels at one row length (block
+    None: the tile the launcher picks, as on a GPU)."""
     x = torch.randn(rows, cols, dtype=dtype)
-    out = {"cols": cols, "block": block}
+    out = {"cols": cols, "block": block, "element_size": x.element_size()}
     for name, fn in (("safe", safe_softmax), ("online", softmax)):
         with iocount.count() as c:
             fn(x, block_size=block)
@@ -33,15 +38,32 @@ def accesses_per_element(rows: int, cols: int, block: int, dtype=torch.float32) 
     return out
 
 
-def predicted_speedup(hw: str, rows: int, cols: int, bytes_per_element: int = 2) -> dict:
-    """Roofline time of safe (4 accesses) and online (3) softmax, and their ratio."""
+def predicted_speedup(hw: str, rows: int, cols: int, counted: dict,
+                      compiled: dict | None = None) -> dict:
+    """Roofline time of safe and online softmax on a rows × cols input, and their ratio, from
+    the bytes `accesses_per_element` counted at this row length (same dtype, any number of
+    rows: accesses per element do not depend on it).
+
+    `compiled` (kernel name -> {"occupancy", "bytes_in_flight_per_warp"}, from
+    online_softmax_compiled.occupancy_inputs) caps each kernel's bandwidth at what its compiled
+    occupancy sustains by Little's law; without it the datasheet HBM bandwidth is used."""
+    if counted["cols"] != cols:
+        raise ValueError(f"counted must be taken at cols={cols}, got cols={counted['cols']}")
     n = rows * cols
-    flops = FLOPS_PER_ELEMENT * n
-    dtype = "fp16" if bytes_per_element == 2 else "fp32"
-    safe = roofline.predict(flops, 4 * n * bytes_per_element, hw, dtype)
-    online = roofline.predict(flops, 3 * n * bytes_per_element, hw, dtype)
-    return {"hardware": hw, "safe_s": safe.time_s, "online_s": online.time_s,
-            "bound": online.bound, "speedup": safe.time_s / online.time_s}
+    dtype = {2: "fp16", 4: "fp32"}[counted["element_size"]]
+    out = {"hardware": hw, "rows": rows, "cols": cols}
+    for name, kernel in (("safe", "softmax_safe_kernel"), ("online", "softmax_online_kernel")):
+        part = roofline.hardware(hw)
+        if compiled is not None:
+            c = compiled[kernel]
+            bw = roofline.occupancy_bandwidth(part, c["occupancy"], c["bytes_in_flight_per_warp"])
+            part = replace(part, mem_bw=bw)
+            out[f"{name}_bw"] = bw
+        nbytes = counted[name] * n * counted["element_size"]
+        p = roofline.predict(FLOPS_PER_ELEMENT * n, nbytes, part, dtype)
+        out[f"{name}_s"], out[f"{name}_bytes"], out["bound"] = p.time_s, nbytes, p.bound
+    out["speedup"] = out["safe_s"] / out["online_s"]
+    return out
 
 
 def cpu_wallclock(rows: int, cols: int, repeat: int = 5) -> dict[str, bench.Timing]:
@@ -78,9 +100,11 @@ def compiled_fusions(fn, rows: int, cols: int) -> list[str]:
 
 
 def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536)) -> list[dict]:
-    """On a CUDA GPU: effective bandwidth of each softmax (minimal traffic: one read, one
-    write, fp16) and its % of the HBM roofline, with a tile of 1024 so long rows take the
-    multi-tile path; torch.softmax (one fused kernel) beside them. Stops at the deadline."""
+    """On a CUDA GPU: effective bandwidth of each softmax and its % of the HBM roofline, both
+    counted on the *minimal* traffic (one read, one write, fp16), with a tile of 1024 so long
+    rows take the multi-tile path; torch.softmax (one fused kernel) beside them. On minimal
+    traffic a kernel at the HBM roof reads 2/accesses of it: safe (4) at most 50%, online (3)
+    at most 67%, a one-read kernel 100%. Stops at the deadline."""
     hw = gpu_hardware()
     out = []
     for cols in cols_list:
@@ -108,8 +132,9 @@ def main() -> int:
             a = accesses_per_element(8, cols, 256)
             record("accesses per element (counted, Triton interpreter)",
                    {"cols": cols, "safe": a["safe"], "online": a["online"]})
+        counted = accesses_per_element(4, 32768, None, torch.float16)
         for hw in ("H100 SXM", "A100 80GB", "TPU v5e"):
-            p = predicted_speedup(hw, 4096, 32768)
+            p = predicted_speedup(hw, 4096, 32768, counted)
             record("predicted speed-up online over safe (roofline from counted bytes)",
                    {"hardware": hw, "speedup": p["speedup"], "bound": p["bound"]})
         if out_of_time():

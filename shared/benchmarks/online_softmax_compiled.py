@@ -1,0 +1,139 @@
+"""What the compiler made of the softmax kernels: the online-softmax lab's compiled-truth section.
+
+Two reads, each in a fresh KC_INTERPRET=0 process (the lab runs in the interpreter, and a kernel
+decorated there cannot be compiled; CPU-NOTES.md):
+- `shared.compile_report.compiled("softmax")`: registers, spills, shared memory, occupancy and
+  the instruction census per kernel, target and case, as `kclub compile` reports them;
+- `memory_ops()`: the global loads and stores in each kernel's PTX with their width in bytes,
+  which compile_report's rows do not carry (they drop the PTX). A 16-byte load (`ld.global.v4.b32`)
+  moves eight fp16 values per instruction, a 2-byte one (`ld.global.b16`) one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from kernels.softmax import triton as softmax_triton
+from shared import roofline
+
+KERNELS = {"softmax_online_kernel": "online", "softmax_safe_kernel": "safe"}
+# The row lengths the PTX is read at: one tile (1000, a multiple of 8 but not of 16, so only
+# ALIGN lets the loads be vectorised), an odd one that cannot be (1001), and many tiles (50000).
+PTX_COLS = (1000, 1001, 50_000)
+_MEM_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(\S*)\s", re.M)
+
+
+def constexprs(row: dict) -> dict:
+    """A compile row's constexprs by parameter name (compile_only keys them by position)."""
+    names = getattr(softmax_triton, row["kernel"]).arg_names
+    return {names[int(k)] if str(k).isdigit() else k: v for k, v in row["constexprs"].items()}
+
+
+def _width(suffix: str) -> int:
+    """Bytes one ld/st moves, from its PTX type suffix: `.v4.b32` -> 16, `.b16` -> 2."""
+    vec = re.search(r"\.v(\d+)", suffix)
+    bits = re.findall(r"\.[bfsu](\d+)", suffix)
+    if not bits:
+        raise ValueError(f"no type width in PTX suffix {suffix!r}")
+    return (int(vec.group(1)) if vec else 1) * int(bits[-1]) // 8
+
+
+def ptx_memory_ops(ptx: str) -> dict:
+    """{"ld": {width: count}, "st": {...}} of the global loads and stores written in `ptx`."""
+    ops: dict = {"ld": {}, "st": {}}
+    for kind, suffix in _MEM_OP.findall(ptx):
+        w = _width(suffix)
+        ops[kind][w] = ops[kind].get(w, 0) + 1
+    return ops
+
+
+def _compile_memory_ops(cols=PTX_COLS) -> list[dict]:
+    """Runs in the KC_INTERPRET=0 child: every fp16 kernel compiled for sm_80 and sm_90."""
+    import torch
+
+    from kernels.compile_only import compile_only
+    from kernels.softmax import safe_softmax, softmax
+
+    out = []
+    for target in ("sm_80", "sm_90"):
+        for fn in (softmax, safe_softmax):
+            for n in cols:
+                with compile_only(target) as built:
+                    fn(torch.randn(256, n, dtype=torch.float16))
+                out += [{"target": target, "cols": n, "kernel": k.name,
+                         "constexprs": k.constexprs, **ptx_memory_ops(k.ptx)} for k in built]
+    return out
+
+
+def memory_ops(cols=PTX_COLS) -> list[dict]:
+    """`_compile_memory_ops` in a fresh KC_INTERPRET=0 process (the lab's own process
+    interprets); widths come back as JSON strings and are turned into ints here."""
+    env = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    code = ("import json; from shared.benchmarks.online_softmax_compiled import "
+            f"_compile_memory_ops as f; print(json.dumps(f({tuple(cols)!r})))")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=900)
+    if run.returncode:
+        raise RuntimeError(f"compiling the softmax kernels failed:\n{run.stderr[-3000:]}")
+    rows = json.loads(run.stdout.strip().splitlines()[-1])
+    for r in rows:
+        r["ld"] = {int(w): c for w, c in r["ld"].items()}
+        r["st"] = {int(w): c for w, c in r["st"].items()}
+    return rows
+
+
+def gpu_rows(rows: list[dict]) -> list[dict]:
+    """The Triton rows of `compiled("softmax")` (not the TPU ones), failures included."""
+    return [r for r in rows if r["target"] in ("sm_80", "sm_90")]
+
+
+def table(rows: list[dict], dtype: str = "fp16") -> str:
+    """One line per compiled kernel of `dtype`: resources, tiles and the instruction mix."""
+    head = (f"{'target':6} {'case':22} {'kernel':6} {'regs':>4} {'spill':>5}"
+            f" {'smem B/limit KB':>15} {'occ.':>5} {'BLOCK_M×N':>9} {'warps':>5} {'ex2':>4} {'mma+wgmma':>9}"
+            f" {'cp.async':>8}")
+    lines = [head, "-" * len(head)]
+    for r in gpu_rows(rows):
+        if r["dtype"] != dtype:
+            continue
+        c, k = r["census"], constexprs(r)
+        lines.append(
+            f"{r['target']:6} {r['case']:22} {KERNELS[r['kernel']]:6} {r['registers']:4d}"
+            f" {r['spill_bytes']:5d} {r['shared_bytes']:>6d}/{r['shared_limit'] // 1024:<8d}"
+            f" {r['occupancy']:5.3f} {k['BLOCK_M']:>3}×{k['BLOCK_N']:<5} {r['num_warps']:5d}"
+            f" {c['ex2.approx']:4d} {c['mma.sync'] + c['wgmma']:9d}"
+            f" {c['cp.async'] + c['cp.async.bulk']:8d}")
+    return "\n".join(lines)
+
+
+def occupancy_inputs(rows: list[dict], target: str, case_cols: int, dtype: str = "fp16"
+                     ) -> dict:
+    """Per kernel, what `roofline.occupancy_bandwidth` needs, from the compiled rows of the
+    case with `case_cols` columns: the occupancy, and the bytes one warp keeps in flight — its
+    share of one tile (BLOCK_M × BLOCK_N elements over num_warps warps), times num_stages only
+    where cp.async pipelines the loads (no softmax kernel does: one tile per warp)."""
+    size = {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+    out = {}
+    for r in gpu_rows(rows):
+        if r["target"] != target or r["dtype"] != dtype or not r["case"].endswith(f"×{case_cols}"):
+            continue
+        k = constexprs(r)
+        stages = r["num_stages"] if r["census"]["cp.async"] else 1
+        out[r["kernel"]] = {"occupancy": r["occupancy"], "registers": r["registers"],
+                            "bytes_in_flight_per_warp":
+                                k["BLOCK_M"] * k["BLOCK_N"] * size * stages / r["num_warps"]}
+    if set(out) != set(KERNELS):
+        raise ValueError(f"no {dtype} rows for both kernels at {case_cols} columns on {target}")
+    return out
+
+
+def occupancy_needed(hw: str, bytes_in_flight_per_warp: float) -> float:
+    """The occupancy below which Little's law, not the datasheet, caps the HBM bandwidth:
+    warps × bytes each / latency = bandwidth."""
+    part = roofline.hardware(hw)
+    return part.mem_bw * part.mem_latency_s / (part.max_warps_per_sm * part.sms
+                                               * bytes_in_flight_per_warp)
