@@ -35,6 +35,9 @@ def _inputs(shape, dtype, seed, scale=3.0, device="cpu"):
     ((300,), 0, 16),         # one long vector
     ((3, 4100), -1, None),   # default block: two tiles of 4096
     ((19, 50), -1, None),    # the row fits one tile: read once
+    ((9, 1000), -1, None),   # one tile, rows a multiple of 8 (ALIGN 8: vector loads on a GPU)
+    ((9, 1000), -1, 128),    # the same, swept in tiles
+    ((9, 1001), -1, None),   # odd rows: ALIGN 1
 ])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_matches_reference(fn, shape, dim, block, dtype, device):
@@ -109,17 +112,33 @@ def test_gradient(device):
 
 @pytest.mark.interpreter
 def test_memory_accesses_per_element(device):
-    """The paper's claim, counted: safe 4 accesses per element, online 3, one tile 2."""
-    rows, cols = 8, 1024
+    """The paper's claim, counted: safe 4 accesses per element, online 3; a row that fits one
+    tile is read once by both (the same register-resident path), so 2 and 2."""
+    rows, cols = 8, 1000
     x = _inputs((rows, cols), torch.float32, fresh_seed(), device=device)
     per_element = {}
     for name, fn, block in [("safe", safe_softmax, 128), ("online", softmax, 128),
-                            ("one tile", softmax, 1024)]:
+                            ("safe, one tile", safe_softmax, 1024),
+                            ("online, one tile", softmax, 1024)]:
         with iocount.count() as c:
             fn(x, block_size=block)
         per_element[name] = c.bytes_total / (rows * cols * 4)
         assert c.bytes_stored == rows * cols * 4
-    assert per_element == {"safe": 4.0, "online": 3.0, "one tile": 2.0}
+    assert per_element == {"safe": 4.0, "online": 3.0, "safe, one tile": 2.0,
+                           "online, one tile": 2.0}
+
+
+@pytest.mark.parametrize("size,lengths,align", [
+    (2, (1000, 1000, 1000), 8),   # fp16: 8 elements = one 16-byte vector
+    (4, (1000, 1000, 1000), 4),   # fp32: 4 elements
+    (2, (1004, 1004, 1004), 4),   # 1004 = 4 · 251
+    (2, (1000, 1001, 1000), 1),   # one odd stride is enough to forbid vectors
+    (2, (16, 16, 16), 8),         # never more than one vector
+])
+def test_alignment_promise(size, lengths, align):
+    from kernels.softmax.triton import _alignment
+
+    assert _alignment(size, *lengths) == align
 
 
 DEV = kernel_device()

@@ -94,8 +94,8 @@ def gpu_rows(rows: list[dict]) -> list[dict]:
 def table(rows: list[dict], dtype: str = "fp16") -> str:
     """One line per compiled kernel of `dtype`: resources, tiles and the instruction mix."""
     head = (f"{'target':6} {'case':22} {'kernel':6} {'regs':>4} {'spill':>5}"
-            f" {'smem B/limit KB':>15} {'occ.':>5} {'BLOCK_M×N':>9} {'warps':>5} {'ex2':>4} {'mma+wgmma':>9}"
-            f" {'cp.async':>8}")
+            f" {'smem B/limit KB':>15} {'occ.':>5} {'BLOCK_M×N':>9} {'warps':>5} {'ex2':>4}"
+            f" {'mma+wgmma':>9} {'cp.async':>8}")
     lines = [head, "-" * len(head)]
     for r in gpu_rows(rows):
         if r["dtype"] != dtype:
