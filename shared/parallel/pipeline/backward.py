@@ -95,8 +95,19 @@ def backward_input(split: Split, grad_out: torch.Tensor | None) -> torch.Tensor:
     finally:
         for h in hooks:
             h.remove()
-    captured[split.inp_edge.node] = (grad_in,)
+    if any(node is split.inp_edge.node for node, _ in split.nodes):
+        # stage 0: the embedding's W needs dL/d(embedding output); elsewhere the input is a
+        # leaf with no weights, and holding its gradient until W would only cost memory.
+        captured[split.inp_edge.node] = (grad_in,)
     return grad_in
+
+
+def held_bytes(split: Split) -> int:
+    """Bytes B captured for W (distinct storages): what a B/W split holds beyond the forward's
+    saved activations, which the graph retained for W keeps anyway."""
+    seen = {g.untyped_storage().data_ptr(): g.untyped_storage().nbytes()
+            for grads in split.captured.values() for g in grads if g is not None}
+    return sum(seen.values())
 
 
 def backward_weight(split: Split) -> None:

@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
+from shared.parallel.pipeline.backward import (
+    backward_input,
+    backward_weight,
+    held_bytes,
+    split_plan,
+)
 from shared.parallel.pipeline.comms import P2P
 from shared.parallel.pipeline.schedules import Action, Schedule
 from shared.parallel.pipeline.stages import Stage, sleep_until
@@ -34,7 +39,8 @@ class RankRun:
     loss: float | None  # summed over microbatches; only on the rank holding the last stage
     spans: list[tuple[Action, float, float]]  # (action, start, end), seconds since t0
     peak_stashed: int  # most microbatch-chunks held for a backward at once
-    peak_stashed_bytes: int  # their saved activations, at the moment of the peak bytes
+    peak_stashed_bytes: int  # most bytes held for backwards: saved activations, plus what B
+                             # captured for W (B/W split), summed at the moment of the peak
     stash_bytes: list[int]  # saved activation bytes of each stashed forward, in order
     peak_sends: int  # most send buffers held between actions (comms.P2P releases the rest)
 
@@ -143,8 +149,14 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 send = inp.grad if s > 0 else None
                 del stash[a.mb, a.chunk]
             else:
-                grad_in = backward_input(weight_jobs[a.mb, a.chunk], g)
+                job = weight_jobs[a.mb, a.chunk]
+                grad_in = backward_input(job, g)
                 send = grad_in if s > 0 else None
+                # Until W runs, this microbatch holds its forward's saved tensors (the graph is
+                # retained for W) and the gradients B captured for W: count both.
+                inp, out, nbytes = stash[a.mb, a.chunk]
+                stash[a.mb, a.chunk] = (inp, out, nbytes + held_bytes(job))
+                peak_bytes = max(peak_bytes, sum(v[2] for v in stash.values()))
         elif a.kind == "W":
             start = clock.now()
             t_start = time.perf_counter()

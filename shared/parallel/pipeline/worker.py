@@ -42,7 +42,8 @@ DEFAULT_SPEC = ModelSpec(LlamaConfig(vocab_size=256, dim=64, n_layers=8, n_heads
 
 @dataclass(frozen=True)
 class Job:
-    runtime: str  # "ours" or "torch" (torch.distributed.pipelining)
+    runtime: str  # "ours", "torch" (torch.distributed.pipelining), or "both": steps
+                  # alternate ours, torch, ours, ... (paired rounds for a timing ratio)
     schedule: str
     num_microbatches: int
     chunks: int = 1
@@ -96,7 +97,9 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
         schedule = type(schedule)(schedule.name, p, m, job.chunks,
                                   schedule.ranks[:1] + (tuple(actions),) + schedule.ranks[2:])
     torch_pp = None
-    if job.runtime == "torch":  # imported on demand: torch.distributed.pipelining takes ~3 s
+    if job.runtime not in ("ours", "torch", "both"):
+        raise ValueError(f"job.runtime must be 'ours', 'torch' or 'both', got {job.runtime!r}")
+    if job.runtime != "ours":  # imported on demand: torch.distributed.pipelining takes ~3 s
         from shared.parallel.pipeline.torch_pp import TorchPipeline
         torch_pp = TorchPipeline(job.schedule, rank, p, stages, m, dev)
     hidden = torch.empty(b, spec.seq_len, spec.config.dim, device=dev)
@@ -111,7 +114,9 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
         try:
             dist.barrier()
             t0 = time.perf_counter()
-            if torch_pp is not None:
+            runtime = "torch" if job.runtime == "torch" or (
+                job.runtime == "both" and step % 2) else "ours"
+            if runtime == "torch":
                 loss, run = torch_pp.step(tokens, targets), None
             else:
                 comm = P2P(schedule, rank, hidden, launch.TIMEOUT_S, lookahead=job.lookahead)
@@ -121,8 +126,8 @@ def _run_job(model: Llama, spec: ModelSpec, job: Job, rank: int, p: int) -> list
             dist.barrier()
         finally:
             gc.enable()
-        rec = {"job": job, "step": step, "loss": loss, "time_s": time.perf_counter() - t0,
-               "run": run, "tokens": tokens.numel()}
+        rec = {"job": job, "step": step, "runtime": runtime, "loss": loss,
+               "time_s": time.perf_counter() - t0, "run": run, "tokens": tokens.numel()}
         if job.grads and step == 0:
             rec["grads"] = {names[id(q)]: q.grad.detach().cpu() for c in stages
                             for q in stages[c].parameters() if q.grad is not None}
