@@ -27,6 +27,7 @@ GPT2_MEDIUM = dict(batch=64, heads=16, n=1024, d=64)
 PAPER = {"standard_gb": 40.3, "flash_gb": 4.4, "standard_ms": 41.7, "flash_ms": 7.3,
          "fa2_a100_fraction": 0.73, "fa3_h100_tflops": 740.0}
 IMPLS = {"standard": standard_attention, "flash": flash_attention}
+_BMM_BLOCK_K = 64   # the K step of standard.py's bmm kernel
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,67 @@ def flash_io_model(n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Cou
     # 4 in the dK/dV kernel (S, dV, dP, dK) and 3 in the dQ kernel (S, dP, dQ).
     tiles = qb * blocks.block_m * kb * blocks.block_n * padded_head_dim(d)
     return Counted(fwd, pre + dkdv + dq, 4 * tiles, 14 * tiles)
+
+
+def standard_io_model(n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Counted:
+    """Exact bytes and FLOPs of standard_attention (kernels/attention/standard.py), one head,
+    seq_q = seq_k = n, not causal: every request, as if there were no cache.
+
+    A bmm C = A·B reads its A rows once per column of C tiles and its B columns once per row of
+    C tiles (the tile re-reads an L2 would serve), and writes C once; the softmax kernels read
+    and write each n×n matrix once (P = softmax(S); dS from P and dP).
+    """
+    bm, bn, bk = blocks.block_m, blocks.block_n, _BMM_BLOCK_K
+
+    def bmm(m, k, cols):  # (elements moved, tl.dot FLOPs on whole tiles)
+        moved = m * k * -(-cols // bn) + k * cols * -(-m // bm) + m * cols
+        return moved, 2 * -(-m // bm) * bm * -(-cols // bn) * bn * -(-k // bk) * bk
+
+    s_, pv = bmm(n, d, n), bmm(n, n, d)             # S = QKᵀ and O = PV; dP = dO Vᵀ is like S
+    fwd = s_[0] + 2 * n * n + pv[0]                 # + softmax: read S, write P
+    bwd = 3 * pv[0] + s_[0] + 3 * n * n             # dV, dQ, dK like PV; dP; read P, dP, write dS
+    return Counted(itemsize * fwd, itemsize * bwd, s_[1] + pv[1], 3 * pv[1] + s_[1])
+
+
+def cached_io_model(impl: str, n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Counted:
+    """The other bound: a perfect cache *within* each kernel, so each tensor a kernel touches
+    crosses HBM once (flash: K and V re-reads per query tile; standard: the bmm tile re-reads).
+    Kernels still hand their results to each other through HBM. Same FLOPs as the exact model.
+    """
+    nd, f32 = n * d * itemsize, 4 * n
+    if impl == "flash":
+        exact = flash_io_model(n, d, blocks, itemsize)
+        # fwd: Q, K, V, O, L. bwd: pre-pass O, dO -> D; dK/dV: Q, K, V, dO, L, D -> dK, dV;
+        # dQ: Q, K, V, dO, L, D -> dQ
+        return Counted(4 * nd + f32, (2 * nd + f32) + (6 * nd + 2 * f32) + (5 * nd + 2 * f32),
+                       exact.fwd_flops, exact.bwd_flops)
+    if impl == "standard":
+        exact = standard_io_model(n, d, blocks, itemsize)
+        nn = n * n * itemsize
+        # fwd: S = QKᵀ (Q, K, S), softmax (S, P), O = PV (P, V, O);
+        # bwd: dV (P, dO, dV), dP (dO, V, dP), dS (P, dP, dS), dQ (dS, K, dQ), dK (dS, Q, dK)
+        return Counted(4 * nn + 4 * nd, 7 * nn + 8 * nd, exact.fwd_flops, exact.bwd_flops)
+    raise ValueError(f"impl must be 'flash' or 'standard', got {impl!r}")
+
+
+def io_model(impl: str, n: int, d: int, blocks: BlockSizes, itemsize: int = 2) -> Counted:
+    """The exact (no-cache) model of `impl`: what `count(impl, n, d, blocks=blocks)` returns."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
+    model = flash_io_model if impl == "flash" else standard_io_model
+    return model(n, d, blocks, itemsize)
+
+
+def asymptotic_ratio(d: int, blocks: BlockSizes) -> float:
+    """lim N→∞ of standard / flash bytes (fwd + bwd, no cache): both are Θ(N²) (Theorem 2), so
+    the advantage of one head saturates at the ratio of their N² coefficients. For N a multiple
+    of both tiles each model is a·N² + b·N exactly, so a = (f(2N) − 2·f(N)) / (2·N²)."""
+    n = blocks.block_m * blocks.block_n
+
+    def lead(impl):
+        return (io_model(impl, 2 * n, d, blocks).bytes - 2 * io_model(impl, n, d, blocks).bytes
+                ) / (2 * n * n)
+    return lead("standard") / lead("flash")
 
 
 def compulsory(n: int, d: int, itemsize: int = 2) -> Counted:

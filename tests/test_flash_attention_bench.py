@@ -1,0 +1,121 @@
+"""The flash-attention lab's models: standard attention's exact IO model against the counter,
+the perfect-cache bound, the asymptote, and the helpers that read `kclub compile` rows."""
+
+import pytest
+
+from kernels.attention import BlockSizes
+from shared import roofline
+from shared.benchmarks import flash_attention as fa
+from shared.benchmarks import flash_attention_compiled as fc
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,d,blocks", [(100, 40, BlockSizes(32, 16)),
+                                        (70, 128, BlockSizes(16, 32)),
+                                        (130, 64, BlockSizes(64, 64))])
+def test_standard_traffic_is_exactly_the_io_model(n, d, blocks):
+    """Ragged n and head dims (masked lanes, K steps past d) against every counted byte/FLOP."""
+    assert fa.count("standard", n, d, blocks=blocks, seed=n) == fa.standard_io_model(n, d, blocks)
+
+
+def test_standard_model_by_hand():
+    # n = 128, d = 64, 64x64 tiles: every bmm re-reads its operands twice (2 tiles per side)
+    n, d, e = 128, 64, 2
+    s = 2 * n * d + 2 * d * n + n * n          # S = QKᵀ: Q per column tile, K per row tile
+    pv = 1 * n * n + 2 * n * d + n * d          # O = PV: one column tile (d = 64), V twice
+    want = fa.Counted(e * (s + 2 * n * n + pv), e * (3 * pv + s + 3 * n * n),
+                      2 * n * n * d * 2, 2 * n * n * d * 4)
+    assert fa.standard_io_model(n, d, BlockSizes(64, 64)) == want
+
+
+@pytest.mark.parametrize("impl", ["standard", "flash"])
+@pytest.mark.parametrize("n,d", [(1024, 64), (1000, 128), (77, 40)])
+def test_perfect_cache_is_below_no_cache_with_the_same_flops(impl, n, d):
+    blocks = BlockSizes(64, 32)
+    exact, cached = fa.io_model(impl, n, d, blocks), fa.cached_io_model(impl, n, d, blocks)
+    assert cached.fwd_bytes < exact.fwd_bytes and cached.bwd_bytes < exact.bwd_bytes
+    assert (cached.fwd_flops, cached.bwd_flops) == (exact.fwd_flops, exact.bwd_flops)
+
+
+def test_perfect_cache_when_one_tile_covers_everything():
+    """A single tile re-reads nothing: the no-cache model equals the perfect-cache one
+    (flash forward; standard's bmm when one tile spans every output)."""
+    n, d, one = 64, 64, BlockSizes(64, 64)
+    flash = fa.cached_io_model("flash", n, d, one)
+    assert fa.flash_io_model(n, d, one).fwd_bytes == flash.fwd_bytes
+    assert fa.standard_io_model(n, d, one).bytes == fa.cached_io_model("standard", n, d, one).bytes
+
+
+def test_asymptote_matches_the_hand_count_and_is_approached_from_below():
+    # per N² bytes at d=64, 64x64 tiles, fp16: standard 19 elements (fwd 7, bwd 12) x 2 bytes;
+    # flash: fwd K, V per query tile 4, dK/dV Q, dO per key tile 4 + L, D 1/8, dQ K, V 4
+    assert fa.asymptotic_ratio(64, BlockSizes()) == pytest.approx(38 / 12.125, rel=1e-12)
+    ratios = [fa.io_model("standard", n, 64, BlockSizes()).bytes
+              / fa.io_model("flash", n, 64, BlockSizes()).bytes for n in (256, 1024, 1 << 16)]
+    assert ratios[0] < ratios[1] < ratios[2] < 38 / 12.125
+    assert ratios[2] > 0.99 * 38 / 12.125
+
+
+def test_bad_impl_is_refused_by_name():
+    with pytest.raises(ValueError, match="impl"):
+        fa.cached_io_model("sdpa", 64, 64, BlockSizes())
+    with pytest.raises(ValueError, match="impl"):
+        fa.io_model("sdpa", 64, 64, BlockSizes())
+
+
+def _row(kernel="flash_fwd_kernel", target="sm_80", occupancy=0.125, warps=8, stages=3,
+         cp_async=12, block=(128, 64, 64)):
+    """A compile row as kclub compile writes it: constexprs keyed by argument index."""
+    names = fc._arg_names()[kernel]
+    consts = {str(names.index(k)): v for k, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), block,
+                                                     strict=True)}
+    consts[str(names.index("CAUSAL"))] = False
+    return {"kernel": kernel, "target": target, "dtype": "fp16", "case": "GPT-2 medium",
+            "occupancy": occupancy, "num_warps": warps, "num_stages": stages,
+            "constexprs": consts, "census": {"cp.async": cp_async}}
+
+
+def test_constexprs_and_blocks_by_name():
+    row = _row(kernel="flash_bwd_dkdv_kernel", block=(64, 32, 128), warps=4)
+    assert fc.constexprs(row) == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128, "CAUSAL": False}
+    assert fc.blocks(row) == BlockSizes(64, 32, 4, 3)
+
+
+def test_forward_bandwidth_is_littles_law():
+    a100 = roofline.HARDWARE["A100 80GB"]
+    # 3 stages x (K + V tiles of 64 x 64 fp16) / 8 warps = 6 KiB per warp; 864 warps resident
+    row = _row()
+    want = 0.125 * 64 * a100.sms * (3 * 2 * 64 * 64 * 2 / 8) / a100.mem_latency_s
+    assert want > a100.mem_bw and fc.forward_bandwidth(row, "A100 80GB") == a100.mem_bw
+    # no cp.async: one tile pair in flight; and a tiny occupancy makes the bound bind
+    slow = _row(occupancy=1 / 64, cp_async=0)
+    want = (1 / 64) * 64 * a100.sms * (2 * 64 * 64 * 2 / 8) / a100.mem_latency_s
+    assert fc.forward_bandwidth(slow, "A100 80GB") == pytest.approx(want) and want < a100.mem_bw
+    with pytest.raises(ValueError, match="row"):
+        fc.forward_bandwidth(_row(kernel="flash_bwd_dq_kernel"), "A100 80GB")
+
+
+def test_with_bandwidth_only_lowers_the_roof():
+    assert fc.with_bandwidth("H100 SXM", 1e15).mem_bw == roofline.HARDWARE["H100 SXM"].mem_bw
+    assert fc.with_bandwidth("H100 SXM", 1e12).mem_bw == 1e12
+
+
+def test_warps_per_scheduler():
+    assert fc.warps_per_scheduler(_row(occupancy=0.125), "A100 80GB") == 2
+    assert fc.warps_per_scheduler(_row(occupancy=0.25), "H100 SXM") == 4
+
+
+def test_exp_bound():
+    # A100 d=64: 256 FLOPs at 312 T against one exp at 16 x 108 x 1.41 GHz: half the time
+    e = fc.exp_bound("A100 80GB", 64)
+    assert e["exp / mma time"] == pytest.approx(0.5, rel=1e-3)
+    assert e["serial"] == pytest.approx(2 / 3, rel=1e-3) and e["overlapped"] == 1.0
+    assert fc.exp_bound("H100 SXM", 128)["serial"] == pytest.approx(2 / 3, rel=1e-3)
+
+
+def test_select_and_one():
+    rows = [_row(), _row(target="sm_90"), {"kernel": "bmm_kernel", "target": "sm_80"}]
+    assert fc.select(rows, target="sm_80") == [rows[0]]
+    assert fc.one(rows, target="sm_90", case="GPT-2", kernel="flash_fwd_kernel") is rows[1]
+    with pytest.raises(ValueError, match="expected one"):
+        fc.one(rows, kernel="flash_fwd_kernel")
