@@ -16,7 +16,12 @@ from shared.check import assert_close, rel_error, tolerance
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import launch
 from shared.parallel.pipeline import make_schedule
-from shared.parallel.pipeline.backward import backward_input, backward_weight, split_plan
+from shared.parallel.pipeline.backward import (
+    backward_input,
+    backward_weight,
+    held_bytes,
+    split_plan,
+)
 from shared.parallel.pipeline.stages import layer_ranges, split_llama
 from shared.parallel.pipeline.worker import Job, ModelSpec, pipeline_worker, reference
 
@@ -32,7 +37,8 @@ def test_every_schedule_trains_like_one_process():
             Job("ours", "1f1b", m, microbatch_size=b, grads=True),
             Job("ours", "interleaved-1f1b", m, chunks=2, microbatch_size=b, grads=True),
             Job("ours", "zb-h1", m, microbatch_size=b, grads=True),
-            Job("torch", "1f1b", m, microbatch_size=b, grads=True)]
+            Job("torch", "1f1b", m, microbatch_size=b, grads=True),
+            Job("torch", "zb-h1", m, microbatch_size=b, grads=True)]  # torch's zero bubble
     results = launch.spawn(pipeline_worker, P, SPEC, jobs, timeout_s=300)
     ref_loss, ref_grads = reference(SPEC, m * b)
     for j, job in enumerate(jobs):
@@ -55,6 +61,8 @@ def test_every_schedule_trains_like_one_process():
                 assert run.peak_stashed_bytes >= m * min(run.stash_bytes)
             if job.schedule == "1f1b":  # PipeDream-Flush: at most p - r
                 assert run.peak_stashed == min(P - r, m)
+            if job.schedule == "zb-h1":  # between B and W: saved tensors + B's captures
+                assert run.peak_stashed_bytes > run.peak_stashed * max(run.stash_bytes)
 
 
 def test_sends_are_released_and_the_nccl_ordering_runs_on_gloo():
@@ -107,6 +115,9 @@ def test_split_backward_matches_autograd(n_stages, batch, seq):
             ref_in = torch.autograd.grad(out, inp, g, retain_graph=True)[0]
         job = split_plan(out, inp, list(stage.parameters()))
         g = backward_input(job, g)
+        assert held_bytes(job) > 0  # B captured what W needs
+        if inp.is_leaf:  # a stage input has no weights: its gradient is sent, not held for W
+            assert job.inp_edge.node not in job.captured
         if inp.is_leaf:
             assert rel_error(g, ref_in) < 1e-12
         jobs.append(job)
@@ -129,8 +140,6 @@ def test_stage_cut_errors():
     with pytest.raises(ValueError, match="cannot cut 3 layers into 4 stages"):
         layer_ranges(3, 4)
     assert layer_ranges(7, 3) == [(0, 3), (3, 5), (5, 7)]
-
-
 
 
 def test_torchrun_launch_gives_the_reference_loss():

@@ -1,5 +1,7 @@
 """Pipeline schedules, validator and simulator (pure Python, no processes)."""
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -128,3 +130,47 @@ def test_timeline_reads_back_what_the_simulator_played(p, m, name, comm):
     expected = {"F": 1.0, "B": 2.0, "W": 0.5} if name == "zb-h1" else {"F": 1.0, "BW": 2.5}
     assert timeline.durations(sim.spans) == pytest.approx(expected)
     assert timeline.hop_latency(sched, sim.spans) == pytest.approx(comm)
+
+
+def _torch_deviates(name, p, m):
+    """Where torch.distributed.pipelining (2.13) runs a different, valid order: interleaved at
+    m == p (Megatron-LM warms up with every forward then; torch does not), and its zero-bubble
+    schedule with m < p (it runs the B's of a rank back to back before their W's)."""
+    return (name == "interleaved-1f1b" and m == p) or (name == "zb-h1" and m < p)
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5])
+def test_our_action_lists_are_torch_pipelinings(p):
+    """GPipe, 1F1B, interleaved (v = 2, 3) and ZB-H1: every rank's list of actions equals the
+    order torch.distributed.pipelining's schedule runs (replayed without a process group),
+    wherever torch accepts the request; where it deviates, its order passes our validator."""
+    from shared.parallel.pipeline.torch_pp import torch_actions
+    compared = 0
+    for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 3),
+                    ("zb-h1", 1)):
+        for m in range(1, 13):
+            if name == "interleaved-1f1b" and m % p:
+                continue  # ours refuses: Megatron's ordering needs m to be a multiple of p
+            ours = make_schedule(name, p, m, chunks=v)
+            try:
+                theirs = torch_actions(name, p, m, chunks=v)
+            except ValueError as e:  # torch's own limits: 1F1B m >= p, ZB m % rounds == 0
+                assert re.search("must be greater than or equal|multiple of the number", str(e))
+                continue
+            validate(theirs)
+            if not _torch_deviates(name, p, m):
+                assert theirs.ranks == ours.ranks, (name, p, m, str(theirs), str(ours))
+                compared += 1
+    assert compared >= 25
+    if p == 4:  # the deviations exist (m == 1 or p == 1 aside, the orders may coincide)
+        assert torch_actions("zb-h1", 4, 2).ranks != make_schedule("zb-h1", 4, 2).ranks
+        assert torch_actions("interleaved-1f1b", 4, 4, chunks=2).ranks != \
+            make_schedule("interleaved-1f1b", 4, 4, chunks=2).ranks
+
+
+def test_torch_actions_rejects_bad_requests():
+    from shared.parallel.pipeline.torch_pp import torch_actions
+    with pytest.raises(ValueError, match="name must be one of"):
+        torch_actions("pipedream-2bw", 4, 8)
+    with pytest.raises(ValueError, match="chunks must be 1"):
+        torch_actions("1f1b", 4, 8, chunks=2)
