@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kernels.moe import load_balancing_loss, topk_route
 from shared.check import assert_close, fresh_seed, seed_everything
 from shared.moe import (
     BiasBalancedRouter,
@@ -48,7 +49,8 @@ def test_dispatch_modes_agree_when_nothing_is_dropped(name, device):
     x = _randn(T, D, device=device).requires_grad_()
     ids = torch.randint(0, 256, (T,), device=device)
     results = {}
-    for dispatch, backend in [("einsum", "torch"), ("sort", "torch"), ("sort", "triton")]:
+    for dispatch, backend in [("einsum", "torch"), ("index", "torch"), ("sort", "torch"),
+                              ("sort", "triton")]:
         layer.dispatch, layer.backend = dispatch, backend
         results[dispatch, backend] = _grads(layer, x, ids)
         assert layer.last_dropped == 0.0
@@ -98,14 +100,15 @@ def test_capacity_drops_in_priority_order_and_dropped_tokens_contribute_nothing(
     routing = layer.router(x)
     _, keep = capacity_slots(routing.indices, E, capacity(30, 2, E, 0.5))
     assert 1 - keep.float().mean().item() == pytest.approx(dropped)
-    # The sort dispatch applies the same rule (dropped rows sort past the groups, stay zero) ...
-    for backend in ("torch", "triton"):
-        layer.dispatch, layer.backend = "sort", backend
+    # Tutel's index dispatch and the sort dispatch apply the same rule (index: the same padded
+    # slots filled by copy; sort: dropped rows sort past the groups and stay zero) ...
+    for dispatch, backend in (("index", "torch"), ("sort", "torch"), ("sort", "triton")):
+        layer.dispatch, layer.backend = dispatch, backend
         y2, grads2 = _grads(layer, x, None)
         assert layer.last_dropped == pytest.approx(dropped)
-        assert_close(y2, y, matmul=True, what=f"sort ({backend}) with capacity")
+        assert_close(y2, y, matmul=True, what=f"{dispatch} ({backend}) with capacity")
         for a, b in zip(grads2, grads, strict=True):
-            assert_close(a, b, matmul=True, what=f"sort ({backend}) gradient")
+            assert_close(a, b, matmul=True, what=f"{dispatch} ({backend}) gradient")
     # ... which is the dropless layer with the dropped assignments' gates set to zero.
     ref, _ = sort_dispatch(x, routing.gates * keep, routing.indices, layer.w_gate_up,
                            layer.w_down)
@@ -169,6 +172,8 @@ def test_bad_input_is_rejected_with_a_clear_message(device):
         MoELayer(D + 1, F, TopKRouter(D, E, 2))
     with pytest.raises(ValueError, match="dispatch must be"):
         MoELayer(D, F, TopKRouter(D, E, 2), dispatch="scatter")
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        MoELayer(D, F, TopKRouter(D, E, 2), dispatch="index", capacity_factor=-0.5)
 
 
 def test_mixtral_block_with_our_weights_gives_our_output(device):
@@ -181,3 +186,17 @@ def test_mixtral_block_with_our_weights_gives_our_output(device):
         assert_close(layer(x), block(x), dtype=torch.float32, what="ours vs Mixtral")
     with pytest.raises(ValueError, match="renormalize"):
         mixtral_block(MoELayer(D, F, SwitchRouter(D, 8)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_our_balancing_loss_is_transformers_divided_by_k(k, device):
+    """HF's load_balancing_loss_func divides the counts by T, so Σ f_i = k and a uniform router
+    scores k; ours divides by T·k (Switch eq. 4 read per assignment) and scores 1 for any k."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator(device=device).manual_seed(fresh_seed())
+    logits = torch.randn(77, 8, generator=g, device=device)
+    route = topk_route(logits, k)
+    ours = load_balancing_loss(route.probs, route.indices, 8)
+    theirs = load_balancing_loss_func((logits,), 8, k)
+    assert theirs.item() == pytest.approx(k * ours.item(), rel=1e-5)

@@ -1,17 +1,19 @@
 """Mixture-of-experts routing: the measurements behind the lab, and `kclub bench moe-routing`.
 
 On any machine: the grouped-matmul kernel's memory traffic counted in Triton's interpreter
-against its formula, a per-expert loop and a capacity-padded batch; the roofline placement
-that traffic implies on named GPUs. On this CPU: wall clock of the compiled paths a CPU runs —
-GShard's one-hot einsum against sort + torch's grouped GEMM, and our layer against transformers'
-Mixtral block with the same weights. On a CUDA machine: the Triton kernel against a per-expert
-loop and torch's grouped GEMM, and the layers on the GPU.
+against its formula, a per-expert loop and a capacity-padded batch; the device ops and host
+syncs around its one Triton launch; the roofline placement on named GPUs, with the occupancy
+the compiler reports. On this CPU: wall clock of the paths a CPU runs — GShard's one-hot einsum,
+Tutel's index dispatch at the same capacity, sort + torch's grouped GEMM with that capacity and
+dropless — and our layer against transformers' Mixtral block with the same weights. On a CUDA
+machine: the Triton kernel against a per-expert loop and torch's grouped GEMM, and the layers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -22,6 +24,22 @@ from shared import bench, iocount, roofline
 from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 from shared.moe import MoELayer, TopKRouter
 from shared.moe.dispatch import capacity
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """An expert layer's sizes: model dim D, expert FFN width F, routed experts E, top-k."""
+    name: str
+    dim: int
+    ffn: int
+    experts: int
+    k: int
+
+
+# Routed experts only (both models also run shared experts, not modelled here); from the
+# models' config.json: hidden_size, moe_intermediate_size, n_routed_experts, num_experts_per_tok.
+V2_LITE = ExpertShape("DeepSeek-V2-Lite", 2048, 1408, 64, 6)
+V3 = ExpertShape("DeepSeek-V3", 7168, 2048, 256, 8)
 
 
 def routed_sizes(tokens: int, k: int, experts: int, seed: int = 0) -> torch.Tensor:
@@ -75,21 +93,33 @@ def layer(dim: int, ffn: int, experts: int, k: int = 2, dispatch: str = "sort",
                     capacity_factor=capacity_factor, init_std=dim ** -0.5).eval()
 
 
+# Every layer of dispatch_throughput, with its capacity factor (None: dropless).
+DISPATCHES = {"einsum": ("einsum", 1.25), "index": ("index", 1.25), "sort": ("sort", 1.25),
+              "sort, dropless": ("sort", None)}
+
+
 @torch.no_grad()
 def dispatch_throughput(experts_list, tokens: int, dim: int, ffn: int, k: int = 2,
-                        capacity_factor: float = 1.25, repeat: int = 5) -> list[dict]:
-    """Tokens/s of the whole layer forward on this CPU: one-hot einsum (capacity cf) against
-    sort + torch's grouped GEMM (dropless), same weights and tokens, interleaved."""
+                        repeat: int = 5) -> list[dict]:
+    """The whole layer forward on this CPU for each dispatch in DISPATCHES, same weights and
+    tokens, interleaved rounds: per E, the Timings (`bench.ratio` pairs them) and what each
+    computes — the expert rows (E·C when padded, the kept assignments when sorted) and the
+    share of assignments dropped."""
     rows = []
     for E in experts_list:
-        ours = layer(dim, ffn, E, k)
-        gshard = layer(dim, ffn, E, k, "einsum", capacity_factor)
-        gshard.load_state_dict(ours.state_dict())
+        base = layer(dim, ffn, E, k)
+        layers = {}
+        for name, (dispatch, cf) in DISPATCHES.items():
+            layers[name] = layer(dim, ffn, E, k, dispatch, cf)
+            layers[name].load_state_dict(base.state_dict())
         x = torch.randn(tokens, dim)
-        t = bench.compare({"einsum": partial(gshard, x), "sort": partial(ours, x)},
-                          repeat=repeat)
-        rows.append({"experts": E, "capacity": capacity(tokens, k, E, capacity_factor),
-                     **{name: tokens / tm.median_s for name, tm in t.items()}})
+        timings = bench.compare({n: partial(m, x) for n, m in layers.items()}, repeat=repeat)
+        cap = capacity(tokens, k, E, 1.25)
+        kept = round((1 - layers["sort"].last_dropped) * tokens * k)
+        rows.append({"experts": E, "capacity": cap, "timings": timings,
+                     "expert rows": {"einsum": E * cap, "index": E * cap, "sort": kept,
+                                     "sort, dropless": tokens * k},
+                     "dropped": layers["index"].last_dropped})
     return rows
 
 
@@ -97,9 +127,9 @@ def dispatch_throughput(experts_list, tokens: int, dim: int, ffn: int, k: int = 
 def versus_mixtral(experts: int, tokens: int, dim: int, ffn: int, k: int = 2,
                    repeat: int = 10, device: str = "cpu", dtype=torch.float32) -> dict:
     """Same weights in our layer and transformers' MixtralSparseMoeBlock: the output error and
-    tokens/s of each (theirs as a block built from a config runs: the per-expert loop; and
-    their grouped_mm implementation, for reference), interleaved on the same tokens. On a GPU
-    ours runs with both backends: the Triton kernel and torch's grouped_mm."""
+    the Timings of each (theirs as a block built from a config runs: the per-expert loop; and
+    their grouped_mm implementation), interleaved on the same tokens. On a GPU ours also runs
+    with the Triton backend."""
     from shared.moe.hf_mixtral import mixtral_block  # transformers: only here
 
     ours = layer(dim, ffn, experts, k).to(device, dtype)
@@ -116,43 +146,80 @@ def versus_mixtral(experts: int, tokens: int, dim: int, ffn: int, k: int = 2,
         triton_layer.backend = "triton"
         fns["ours (triton)"] = lambda: triton_layer(x)
     t = bench.compare(fns, repeat=repeat)
-    return {"experts": experts, "tokens": tokens, "rel_error": float(err),
-            **{name: tokens / tm.median_s for name, tm in t.items()}}
+    return {"experts": experts, "tokens": tokens, "rel_error": float(err), "timings": t}
 
 
-def roofline_grouped(tokens: int, k: int, dim: int, ffn: int, experts: int, hw: str,
-                     dtype: str = "bf16") -> roofline.Prediction:
-    """The layer's two grouped GEMMs (gate_up: D->2F, down: F->D) at the counted minimum
-    traffic, fp16/bf16 (2 bytes), on a named accelerator."""
-    M = tokens * k
-    flops = 2 * M * dim * 2 * ffn + 2 * M * ffn * dim
-    bytes_moved = 2 * (M * dim + experts * dim * 2 * ffn + M * 2 * ffn      # gate_up
-                       + M * ffn + experts * ffn * dim + M * dim)           # down
-    return roofline.predict(flops, bytes_moved, hw, dtype)
+def tokens_per_s(row: dict) -> dict[str, float]:
+    """{contender: tokens/s at its median} for a row of versus_mixtral or dispatch_throughput."""
+    tokens = row.get("tokens")
+    return {n: (tokens or 1) / tm.median_s for n, tm in row["timings"].items()}
 
 
-def _per_expert_loop(x, w, sizes):
+def expert_gemm_work(tokens: int, shape: ExpertShape, traffic: str = "compulsory",
+                     blocks: Blocks | None = None, itemsize: int = 2) -> tuple[int, int]:
+    """(FLOPs, bytes) of the layer's two grouped GEMMs (gate_up D->2F, down F->D) over the
+    tokens·k routed rows, spread evenly. traffic "compulsory": x, w and out once (perfect
+    on-chip reuse); "tiles": what the Triton kernel's tiles read if nothing stays in L2 — x
+    once per N-tile, w[g] once per row-tile of g (gmm_bytes_formula)."""
+    if traffic not in ("compulsory", "tiles"):
+        raise ValueError(f"traffic must be 'compulsory' or 'tiles', got {traffic!r}")
+    M, E, D, F = tokens * shape.k, shape.experts, shape.dim, shape.ffn
+    flops = 2 * M * D * 2 * F + 2 * M * F * D
+    if traffic == "compulsory":
+        return flops, itemsize * (M * D + E * D * 2 * F + M * 2 * F + M * F + E * F * D + M * D)
+    sizes = [M // E + (g < M % E) for g in range(E)]
+    blocks = blocks or Blocks()
+    return flops, (gmm_bytes_formula(sizes, D, 2 * F, blocks, itemsize)
+                   + gmm_bytes_formula(sizes, F, D, blocks, itemsize))
+
+
+def roofline_grouped(tokens: int, shape: ExpertShape, hw: str, dtype: str = "bf16",
+                     traffic: str = "compulsory", occupancy: float | None = None,
+                     bytes_in_flight_per_warp: float | None = None) -> roofline.Prediction:
+    """The two grouped GEMMs on a named accelerator, 16-bit. With an occupancy (and the bytes
+    each warp keeps in flight), the memory side runs at the bandwidth Little's law allows at
+    that occupancy (roofline.occupancy_bandwidth) instead of the datasheet's."""
+    flops, nbytes = expert_gemm_work(tokens, shape, traffic)
+    p = roofline.predict(flops, nbytes, hw, dtype)
+    if occupancy is None:
+        return p
+    bw = roofline.occupancy_bandwidth(hw, occupancy, bytes_in_flight_per_warp)
+    memory = nbytes / bw
+    return roofline.Prediction(max(p.compute_s, memory), p.compute_s, memory,
+                               "compute" if p.compute_s >= memory else "memory", p.intensity,
+                               p.hardware, dtype, flops)
+
+
+def per_expert_loop(x, w, sizes):
+    """The baseline a grouped matmul replaces: one torch.mm per expert (one host read of the
+    sizes to split the rows)."""
     return [xg @ w[g] for g, xg in enumerate(x.split(sizes.tolist()))]
 
 
-def gpu_table(experts_list=(8, 64), tokens: int = 16384, dim: int = 2048,
-              ffn: int = 1408) -> list[dict]:
-    """On a CUDA GPU, bf16: the Triton grouped matmul against a per-expert loop of torch.mm and
-    torch's grouped GEMM (F.grouped_mm, CUTLASS on sm90), TFLOP/s and % of the roofline at the
-    minimum traffic (x, w and out once). Stops at the deadline."""
+# What the GPU benchmark runs: V2-Lite's experts, and the same dims with Mixtral's E=8, top-2.
+GPU_SHAPES = (ExpertShape("E=8 top-2 at V2-Lite dims", 2048, 1408, 8, 2), V2_LITE)
+
+
+def gpu_table(shapes=GPU_SHAPES, tokens: int = 16384) -> list[dict]:
+    """On a CUDA GPU, bf16: the Triton grouped matmul (the gate_up-sized GEMM, D -> F) against a
+    per-expert loop of torch.mm and torch's grouped GEMM (F.grouped_mm, CUTLASS on sm90),
+    TFLOP/s and % of the roofline at the minimum traffic (x, w and out once). Stops at the
+    deadline."""
     hw, rows = gpu_hardware(), []
-    for E in experts_list:
+    for shape in shapes:
         if out_of_time(reserve_s=10):
             break
-        sizes = routed_sizes(tokens, 2, E).cuda()
+        E, dim, ffn = shape.experts, shape.dim, shape.ffn
+        sizes = routed_sizes(tokens, shape.k, E).cuda()
         M = int(sizes.sum())
         x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, dim, ffn, device="cuda", dtype=torch.bfloat16)
         flops, nbytes = 2 * M * dim * ffn, 2 * (M * dim + E * dim * ffn + M * ffn)
         t = {"triton grouped": bench.measure(partial(grouped_matmul, x, w, sizes)),
-             "per-expert loop": bench.measure(partial(_per_expert_loop, x, w, sizes)),
+             "per-expert loop": bench.measure(partial(per_expert_loop, x, w, sizes)),
              "torch grouped_mm": bench.measure(partial(grouped_matmul_torch, x, w, sizes))}
-        row = {"experts": E, "M": M, "K": dim, "N": ffn, "dtype": "bf16", "hardware": hw}
+        row = {"shape": shape.name, "experts": E, "k": shape.k, "M": M, "K": dim, "N": ffn,
+               "dtype": "bf16", "hardware": hw}
         for name, tm in t.items():
             row[f"{name} TFLOP/s"] = flops / tm.median_s / 1e12
             row[f"{name} % roofline"] = pct_of_roofline(tm.median_s, flops, nbytes, hw, "bf16")
@@ -160,17 +227,25 @@ def gpu_table(experts_list=(8, 64), tokens: int = 16384, dim: int = 2048,
     return rows
 
 
-def gpu_layers(experts_list=(8, 64), tokens: int = 16384, dim: int = 2048,
-               ffn: int = 1408) -> list[dict]:
+def _mixtral_row(r: dict) -> dict:
+    """A versus_mixtral result as a flat row: tokens/s per contender and ours / theirs."""
+    t = r["timings"]
+    return {"experts": r["experts"], "tokens": r["tokens"], "rel_error": r["rel_error"],
+            **{f"{n} tok/s": v for n, v in tokens_per_s(r).items()},
+            "ours / Mixtral block": str(bench.ratio(t["Mixtral block"], t["ours"]))}
+
+
+def gpu_layers(shapes=GPU_SHAPES, tokens: int = 16384) -> list[dict]:
     """On a CUDA GPU, bf16: the whole layer forward, ours against transformers' Mixtral block
     with the same weights, tokens/s (wall clock, synchronised). Stops at the deadline."""
     rows = []
-    for E in experts_list:
+    for shape in shapes:
         if out_of_time(reserve_s=15):
             break
+        r = versus_mixtral(shape.experts, tokens, shape.dim, shape.ffn, shape.k, repeat=5,
+                           device="cuda", dtype=torch.bfloat16)
         rows.append(record("MoE layer forward vs Mixtral block, tokens/s (bf16)",
-                           versus_mixtral(E, tokens, dim, ffn, repeat=5, device="cuda",
-                                          dtype=torch.bfloat16)))
+                           _mixtral_row(r)))
     return rows
 
 
@@ -183,21 +258,29 @@ def main() -> int:
             record("grouped-matmul traffic, counted (T=512, k=2, E=8)",
                    {"impl": name, "bytes": c.bytes_total, "launches": c.launches,
                     "formula": traffic["formula"], "minimum": traffic["minimum"]})
-        for hw in ("H100 SXM", "A100 80GB"):
-            p = roofline_grouped(16384, 2, 2048, 1408, 64, hw)
-            record("layer GEMMs, roofline prediction (T=16384, E=64)",
-                   {"hardware": hw, "us": p.time_s * 1e6, "bound": p.bound})
+        for shape in (V2_LITE, V3):
+            for hw in ("H100 SXM", "A100 80GB"):
+                p = roofline_grouped(16384, shape, hw)
+                record("expert GEMMs, roofline prediction at compulsory traffic (T=16384)",
+                       {"shape": shape.name, "hardware": hw, "us": p.time_s * 1e6,
+                        "bound": p.bound})
     if not gpu_available():
         torch.set_num_threads(1)   # a shared 2-core machine: one thread keeps timings steady
         for row in dispatch_throughput((4, 16, 64), 2048, 128, 256):
-            record("layer forward tokens/s, CPU wall clock", row)
+            t = row["timings"]
+            record("layer forward, CPU wall clock (cf 1.25 unless dropless)",
+                   {"experts": row["experts"], "capacity": row["capacity"],
+                    **{f"{n} tok/s": 2048 / tm.median_s for n, tm in t.items()},
+                    "index / einsum": str(bench.ratio(t["einsum"], t["index"])),
+                    "sort / index": str(bench.ratio(t["index"], t["sort"]))})
             if out_of_time():
                 return 0
         for T in (64, 2048):
             for E in (8, 64):
                 if out_of_time():
                     return 0
-                record("ours vs Mixtral block, tokens/s, CPU", versus_mixtral(E, T, 128, 256))
+                record("ours vs Mixtral block, tokens/s, CPU",
+                       _mixtral_row(versus_mixtral(E, T, 128, 256)))
     elif not INTERPRET:
         gpu_table()
         if importlib.util.find_spec("transformers") is None:

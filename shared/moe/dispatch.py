@@ -1,6 +1,7 @@
-"""Getting tokens to their experts and back: GShard's one-hot einsum and MegaBlocks' sort.
+"""Getting tokens to their experts and back: GShard's one-hot einsum, Tutel's index dispatch,
+MegaBlocks' sort.
 
-Both run the same SwiGLU experts (weights w_gate_up [E, D, 2F], w_down [E, F, D]) and return
+All three run the same SwiGLU experts (weights w_gate_up [E, D, 2F], w_down [E, F, D]) and return
 y [T, D] = Σ_j gate[t, j] · expert_{e(t,j)}(x[t]) over the assignments they keep.
 
 einsum (GShard §2.2, Algorithm 1; Switch §2.2): every expert gets a fixed buffer of C slots,
@@ -8,6 +9,12 @@ C = ceil(capacity_factor · T·k / E). Slots are taken in priority order (all fi
 then second choices, each in token order); an assignment that finds its expert full is
 *dropped*: it contributes nothing (the residual carries the token on). Dispatch and combine are
 dense [T, E, C] one-hot tensors contracted by einsum: O(T·E·C·D) FLOPs of moving data.
+
+index (Tutel, Hwang et al. 2023; its fast_encode / fast_decode): the same capacity, the same slots,
+the same drops and the same padded [E, C, D] expert batch, but tokens are *copied* into their
+slot by index and read back by index: O(T·k·D) data movement instead of the one-hot contraction.
+It does the einsum's work by a cheaper route, so it is the fair baseline for both: einsum vs
+index measures the one-hot formulation; index vs sort (same capacity) measures padding.
 
 sort (MegaBlocks §5): sort the T·k assignments by expert, run one grouped matmul over the
 ragged groups, un-sort with the gates. Nothing is padded and nothing is dropped. Given a
@@ -50,7 +57,10 @@ def capacity_slots(indices: torch.Tensor, num_experts: int, cap: int):
     Priority: choice j before choice j+1, then token order (GShard Algorithm 1).
     """
     T, k = indices.shape
-    onehot = F.one_hot(indices.t().reshape(-1), num_experts)         # [k·T, E], j-major
+    experts = torch.arange(num_experts, device=indices.device)
+    # [k·T, E] one-hot, j-major; a comparison, not F.one_hot, whose range check reads the
+    # indices back to the host
+    onehot = (indices.t().reshape(-1, 1) == experts).long()
     slot = (torch.cumsum(onehot, dim=0) - 1).mul(onehot).sum(-1)     # [k·T] rank in expert
     slot = slot.view(k, T).t()
     return slot, slot < cap
@@ -78,6 +88,25 @@ def einsum_dispatch(x, gates, indices, w_gate_up, w_down, capacity_factor):
     xin = torch.einsum("tec,td->ecd", dispatch, x)                   # [E, C, D]
     out = swiglu_batched(xin, w_gate_up, w_down)
     return torch.einsum("tec,ecd->td", combine, out), keep
+
+
+def index_dispatch(x, gates, indices, w_gate_up, w_down, capacity_factor):
+    """Tutel-style capacity dispatch by index. Returns (y [T, D], keep [T, k] bool): the same
+    numbers as einsum_dispatch, with no host read (dropped rows go to a spare row, not a mask)."""
+    T, k = indices.shape
+    E, D = w_gate_up.shape[0], x.shape[1]
+    cap = capacity(T, k, E, capacity_factor)
+    slot, keep = capacity_slots(indices, E, cap)
+    spare = E * cap                                       # one row past the E·C slots
+    dest = torch.where(keep, indices * cap + slot, spare).reshape(-1)    # [T·k]
+    tokens = torch.arange(T, device=x.device).repeat_interleave(k)      # a = t·k + j -> t
+    # Kept assignments own distinct slots; only the spare row is written more than once, and it
+    # is thrown away, so index_copy's "duplicates are nondeterministic" never reaches the output.
+    buf = x.new_zeros(spare + 1, D).index_copy(0, dest, x.index_select(0, tokens))
+    out = swiglu_batched(buf[:spare].view(E, cap, D), w_gate_up, w_down)
+    out = torch.cat([out.reshape(spare, D), out.new_zeros(1, D)])      # spare row reads as 0
+    picked = out.index_select(0, dest).view(T, k, D)
+    return (picked * (gates * keep).unsqueeze(-1)).sum(dim=1), keep
 
 
 def sort_dispatch(x, gates, indices, w_gate_up, w_down, backend: str = "torch",

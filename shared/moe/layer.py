@@ -16,10 +16,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from shared.moe.dispatch import BACKENDS, capacity, einsum_dispatch, sort_dispatch
+from shared.moe.dispatch import (
+    BACKENDS,
+    capacity,
+    einsum_dispatch,
+    index_dispatch,
+    sort_dispatch,
+)
 from shared.moe.routers import Router
 
-DISPATCHES = ("einsum", "sort")
+DISPATCHES = ("einsum", "index", "sort")
 
 
 class MoELayer(nn.Module):
@@ -57,9 +63,10 @@ class MoELayer(nn.Module):
                 raise ValueError(f"token_ids has {ids.numel()} ids for {flat.shape[0]} tokens")
             ids = ids.reshape(-1)
         routing = self.router(flat, ids)
-        if self.dispatch == "einsum":
-            y, keep = einsum_dispatch(flat, routing.gates, routing.indices, self.w_gate_up,
-                                      self.w_down, self.capacity_factor)
+        if self.dispatch in ("einsum", "index"):
+            fn = einsum_dispatch if self.dispatch == "einsum" else index_dispatch
+            y, keep = fn(flat, routing.gates, routing.indices, self.w_gate_up, self.w_down,
+                         self.capacity_factor)
         else:
             y, keep = sort_dispatch(flat, routing.gates, routing.indices, self.w_gate_up,
                                     self.w_down, self.backend, self.capacity_factor)

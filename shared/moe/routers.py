@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.moe import expert_load, load_balancing_loss, topk_route
+from kernels.moe import load_balancing_loss, topk_route
 
 
 @dataclass
@@ -25,6 +25,9 @@ class Routing:
     gates: torch.Tensor     # [T, k] gate weight of each chosen expert
     indices: torch.Tensor   # [T, k] int64 expert ids
     aux_loss: torch.Tensor  # scalar balancing loss (already weighted), 0 if the router has none
+    # [T, E] float32 router probabilities behind aux_loss, or None (a router without the loss):
+    # expert parallelism recomputes the loss from the *global* f and P (parallel/expert/layer.py)
+    probs: torch.Tensor | None = None
 
 
 def _check_k(k: int, num_experts: int) -> None:
@@ -63,11 +66,12 @@ class TopKRouter(Router):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
         _check_x(x, self.dim)
         route = topk_route(x @ self.weight.t(), self.k, renormalize=self.renormalize)
-        aux = x.new_zeros(())
+        aux, probs = x.new_zeros(()), None
         if self.training and self.aux_weight:   # a training signal: skipped in eval
             aux = self.aux_weight * load_balancing_loss(route.probs, route.indices,
                                                         self.num_experts)
-        return Routing(route.gates.to(x.dtype), route.indices, aux)
+            probs = route.probs
+        return Routing(route.gates.to(x.dtype), route.indices, aux, probs)
 
 
 class SwitchRouter(TopKRouter):
@@ -109,7 +113,9 @@ class BiasBalancedRouter(Router):
             raise ValueError(f"gamma must be > 0, got {gamma}")
         self.weight = nn.Parameter(torch.randn(num_experts, dim) * dim ** -0.5)  # centroids e_i
         self.register_buffer("bias", torch.zeros(num_experts))
-        self.register_buffer("load", torch.zeros(num_experts))  # f_i seen since the last step
+        # assignments per expert since the last step: counts, not shares, so that loads from
+        # several forwards (micro-batches) or ranks (expert parallelism) add up exactly
+        self.register_buffer("load", torch.zeros(num_experts))
         self.gamma = gamma
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
@@ -119,12 +125,14 @@ class BiasBalancedRouter(Router):
         chosen = s.gather(1, indices)
         gates = chosen / chosen.sum(dim=-1, keepdim=True)
         if self.training:
-            self.load += expert_load(indices, self.num_experts)
+            self.load += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         return Routing(gates.to(x.dtype), indices, x.new_zeros(()))
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """b_i -= γ·sign(load_i - mean load): overloaded experts get picked less next step."""
+        """b_i -= γ·sign(load_i - mean load): overloaded experts get picked less next step.
+        Under expert parallelism the load must be the global one: ExpertParallelMoE.after_step
+        all-reduces it first, so every rank moves the same bias."""
         if self.load.sum() > 0:
             self.bias -= self.gamma * torch.sign(self.load - self.load.mean())
             self.load.zero_()

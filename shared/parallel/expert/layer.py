@@ -12,6 +12,12 @@ Autograd runs the same two all-to-alls in reverse. Expert gradients come out com
 owner; the replicated router's gradients are partial sums, so `allreduce_router_grads` adds
 them up, after which every number equals the single-process layer's on all W·T_r tokens.
 
+Balancing is global too, as in the single process. The Switch loss N·Σ f_i·P_i is a product of
+two *global* means (f over all W·T_r·k assignments, P over all W·T_r tokens), not a sum of
+per-rank losses: one all-reduce of the counts and probability sums gives both, and each rank
+backpropagates its own tokens' share of P. DeepSeek-V3's bias moves by the sign of the global
+load: `after_step` all-reduces the router's counts before the update, so all ranks keep one bias.
+
 Per rank and per all-to-all, rows leaving the rank: Σ_{r'≠r} rows for r'; under uniform
 routing that is (W−1)/W · T_r·k rows of D elements (`a2a_bytes_formula`).
 """
@@ -50,11 +56,13 @@ class ExpertParallelMoE(nn.Module):
         self.w_down = nn.Parameter(layer.w_down.detach()[lo:hi].clone())         # [E/W, F, D]
         self.gmm = grouped_matmul if backend == "triton" else grouped_matmul_torch
         self.sent_rows = 0  # rows this rank sent to other ranks in the last dispatch
+        self.aux_loss = torch.zeros(())  # as MoELayer.aux_loss: the global balancing loss
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         W, El = self.world, self.local
         routing = self.router(x, token_ids)
         xs, sizes, positions = permute_reference(x, routing.indices, self.num_experts)
+        self.aux_loss = self._global_aux_loss(routing, sizes)
         # 1. counts: recv[s, e] = rows rank s sends to my local expert e
         recv = torch.empty_like(sizes)
         dist.all_to_all_single(recv, sizes, group=self.group)
@@ -74,6 +82,32 @@ class ExpertParallelMoE(nn.Module):
         # 4. combine: rows return to their senders, then the gated un-sort
         ys = all_to_all(yr, send_splits, recv_splits, self.group)        # [T_r·k, D]
         return unpermute_reference(ys, positions, routing.gates)
+
+    def _global_aux_loss(self, routing, sizes: torch.Tensor) -> torch.Tensor:
+        """N·Σ f_i·P_i over all ranks' tokens. Value: the global loss on every rank; gradient:
+        this rank's share (its tokens' part of P), so the summed router gradients are the
+        single process's."""
+        if routing.probs is None:          # no balancing loss (eval, or a router without one)
+            return routing.aux_loss
+        E, k = self.num_experts, routing.indices.shape[1]
+        p_sum = routing.probs.sum(0)                                      # [E] this rank's Σ_t p
+        tokens_here = p_sum.new_full((1,), routing.probs.shape[0])
+        stats = torch.cat([sizes.float(), p_sum.detach(), tokens_here])  # one all-reduce
+        dist.all_reduce(stats, group=self.group)                          # Σ over ranks
+        counts, p_all, tokens = stats[:E], stats[E:2 * E], stats[2 * E]
+        f = counts / (tokens * k)                                         # global shares
+        weight = self.router.aux_weight * E
+        mine = weight * torch.sum(f * p_sum) / tokens                     # differentiable part
+        total = weight * torch.sum(f * p_all) / tokens
+        return mine + (total - mine).detach()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The router's per-step update (DeepSeek-V3's bias) from the global load."""
+        load = getattr(self.router, "load", None)
+        if isinstance(load, torch.Tensor):
+            dist.all_reduce(load, group=self.group)
+        self.router.after_step()
 
 
 def allreduce_router_grads(module: ExpertParallelMoE) -> None:

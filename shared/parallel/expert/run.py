@@ -3,9 +3,9 @@
 `launch(cfg, world)` starts W processes through `shared.parallel.launch.spawn` (torchrun's
 environment variables, a port picked at run time, a deadline, the first failing rank's error
 raised in the parent). Every rank builds the same layer and the same global batch from the seed,
-runs its token shard through ExpertParallelMoE, backpropagates a fixed upstream gradient,
-all-reduces the router gradients and returns what it got; `single_process` computes the same
-numbers in one process.
+runs its token shard through ExpertParallelMoE, backpropagates a fixed upstream gradient plus
+the balancing loss, all-reduces the router gradients, takes the router's per-step update, and
+returns what it got; `single_process` computes the same numbers in one process.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from shared.moe.layer import MoELayer
-from shared.moe.routers import TopKRouter
+from shared.moe.routers import BiasBalancedRouter, TopKRouter
 from shared.parallel.expert.layer import ExpertParallelMoE, allreduce_router_grads
 from shared.parallel.launch import spawn
 
@@ -31,13 +31,23 @@ class EPConfig:
     ffn: int = 48
     tokens: int = 24        # per rank
     seed: int = 0
+    router: str = "topk"    # "topk": learned top-k + Switch loss; "bias": DeepSeek-V3's bias
+    aux_weight: float = 1.0  # large, so a wrong (per-rank) loss shows in the router gradient
     fail_rank: int = -1     # a rank that raises on purpose (to prove failures end the run)
 
 
 def build_layer(cfg: EPConfig) -> MoELayer:
     """The full single-process layer, identical on every rank (seeded)."""
+    if cfg.router not in ("topk", "bias"):
+        raise ValueError(f"router must be 'topk' or 'bias', got {cfg.router!r}")
     torch.manual_seed(cfg.seed)
-    return MoELayer(cfg.dim, cfg.ffn, TopKRouter(cfg.dim, cfg.experts, cfg.k), init_std=0.2)
+    if cfg.router == "topk":
+        router = TopKRouter(cfg.dim, cfg.experts, cfg.k, aux_weight=cfg.aux_weight)
+    else:
+        router = BiasBalancedRouter(cfg.dim, cfg.experts, cfg.k, gamma=0.01)
+        with torch.no_grad():     # a favourite expert, so the first bias step is not all zeros
+            router.weight[0] += 1.0
+    return MoELayer(cfg.dim, cfg.ffn, router, init_std=0.2)
 
 
 def make_batch(cfg: EPConfig, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +64,16 @@ def single_process(cfg: EPConfig, world: int) -> dict[str, torch.Tensor]:
     x, dy = make_batch(cfg, world)
     x.requires_grad_(True)
     y = layer(x)
-    (y * dy).sum().backward()
+    ((y * dy).sum() + layer.aux_loss).backward()
+    layer.router.after_step()
     return {"y": y.detach(), "dx": x.grad, "router": layer.router.weight.grad,
-            **{g: getattr(layer, g).grad for g in GRADS}}
+            **{g: getattr(layer, g).grad for g in GRADS}, **_balance(layer)}
+
+
+def _balance(layer) -> dict[str, torch.Tensor]:
+    """The balancing state a step leaves: the loss value, and the bias (zeros without one)."""
+    bias = getattr(layer.router, "bias", torch.zeros(layer.num_experts))
+    return {"aux": layer.aux_loss.detach().reshape(1), "bias": bias.clone()}
 
 
 def rank_main(cfg: EPConfig) -> dict:
@@ -69,11 +86,13 @@ def rank_main(cfg: EPConfig) -> dict:
     rows = slice(rank * cfg.tokens, (rank + 1) * cfg.tokens)
     x = x_all[rows].clone().requires_grad_(True)
     y = ep(x)
-    (y * dy_all[rows]).sum().backward()
+    ((y * dy_all[rows]).sum() + ep.aux_loss).backward()
     allreduce_router_grads(ep)
+    local_load = getattr(ep.router, "load", torch.zeros(0)).clone()   # before the all-reduce
+    ep.after_step()
     return {"y": y.detach(), "dx": x.grad, "router": ep.router.weight.grad,
-            **{g: getattr(ep, g).grad for g in GRADS},
-            "sent_rows": ep.sent_rows, "itemsize": x.element_size()}
+            **{g: getattr(ep, g).grad for g in GRADS}, **_balance(ep),
+            "local_load": local_load, "sent_rows": ep.sent_rows, "itemsize": x.element_size()}
 
 
 def launch(cfg: EPConfig, world: int = 4, timeout: float = 180.0) -> list[dict]:
@@ -82,7 +101,8 @@ def launch(cfg: EPConfig, world: int = 4, timeout: float = 180.0) -> list[dict]:
 
 
 def gather_results(ranks: list[dict]) -> dict[str, torch.Tensor]:
-    """Stitch the ranks' shards into single-process shapes (router grads are already summed)."""
+    """Stitch the ranks' shards into single-process shapes (router grads are already summed;
+    the balancing loss and the bias are global: rank 0's, which the tests compare across ranks)."""
     return {"y": torch.cat([r["y"] for r in ranks]), "dx": torch.cat([r["dx"] for r in ranks]),
-            "router": ranks[0]["router"],
+            "router": ranks[0]["router"], "aux": ranks[0]["aux"], "bias": ranks[0]["bias"],
             **{g: torch.cat([r[g] for r in ranks]) for g in GRADS}}
