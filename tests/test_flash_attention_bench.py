@@ -86,6 +86,8 @@ def test_forward_bandwidth_is_littles_law():
     # 3 stages x (K + V tiles of 64 x 64 fp16) / 8 warps = 6 KiB per warp; 864 warps resident
     row = _row()
     want = 0.125 * 64 * a100.sms * (3 * 2 * 64 * 64 * 2 / 8) / a100.mem_latency_s
+    assert fc.forward_bytes_in_flight(row) == 6 * 1024
+    assert fc.forward_bandwidth(row, "A100 80GB", cap=False) == pytest.approx(want)
     assert want > a100.mem_bw and fc.forward_bandwidth(row, "A100 80GB") == a100.mem_bw
     # no cp.async: one tile pair in flight; and a tiny occupancy makes the bound bind
     slow = _row(occupancy=1 / 64, cp_async=0)

@@ -91,16 +91,26 @@ def warps_per_scheduler(row: dict, hw: str) -> float:
     return row["occupancy"] * roofline.hardware(hw).max_warps_per_sm / SCHEDULERS_PER_SM
 
 
-def forward_bandwidth(row: dict, hw: str, itemsize: int = 2) -> float:
-    """HBM bandwidth the compiled forward can sustain by Little's law: each program keeps
-    num_stages K and V tiles in flight when cp.async pipelines the loads (one otherwise),
-    shared by its warps; capped by the datasheet."""
+def forward_bytes_in_flight(row: dict, itemsize: int = 2) -> float:
+    """Bytes one warp of the compiled forward keeps in flight: each program keeps num_stages K
+    and V tiles loading when cp.async pipelines the loads (one pair otherwise), shared by its
+    warps."""
     if row["kernel"] != "flash_fwd_kernel":
         raise ValueError(f"row must be a flash_fwd_kernel row, got {row['kernel']!r}")
     c = constexprs(row)
     stages = row["num_stages"] if row["census"]["cp.async"] else 1
-    per_warp = stages * 2 * c["BLOCK_N"] * c["BLOCK_D"] * itemsize / row["num_warps"]
-    return roofline.occupancy_bandwidth(hw, row["occupancy"], per_warp)
+    return stages * 2 * c["BLOCK_N"] * c["BLOCK_D"] * itemsize / row["num_warps"]
+
+
+def forward_bandwidth(row: dict, hw: str, itemsize: int = 2, cap: bool = True) -> float:
+    """HBM bandwidth the compiled forward can sustain by Little's law (resident warps × bytes
+    each keeps in flight / latency), capped by the datasheet unless `cap=False`."""
+    per_warp = forward_bytes_in_flight(row, itemsize)
+    if cap:
+        return roofline.occupancy_bandwidth(hw, row["occupancy"], per_warp)
+    part = roofline.hardware(hw)
+    warps = row["occupancy"] * part.max_warps_per_sm * part.sms
+    return warps * per_warp / part.mem_latency_s
 
 
 def with_bandwidth(hw: str, bandwidth: float) -> roofline.Hardware:
