@@ -161,14 +161,18 @@ class _CompileOnlyDriver:
         raise AttributeError(f"compile_only: the driver has no {name!r} (nothing is launched)")
 
 
-def record(fn_name: str, target: str, kernel) -> CompiledKernel:
-    """Read a Triton CompiledKernel: metadata, PTX census, registers and spills of its cubin."""
+def record(fn, target: str, kernel) -> CompiledKernel:
+    """Read a Triton CompiledKernel of JITFunction `fn`: metadata, PTX census, registers and
+    spills of its cubin, and the constexprs the launcher chose, by parameter name."""
     ptx = kernel.asm["ptx"]
     regs, stack = cubin_usage(kernel.asm["cubin"])
     md = kernel.metadata
-    constexprs = {str(k[-1] if isinstance(k, tuple) else k): v
-                  for k, v in getattr(kernel.src, "constants", {}).items()}
-    return CompiledKernel(fn_name, target, regs, stack, md.shared, md.num_warps,
+    constexprs = {}
+    for key, value in getattr(kernel.src, "constants", {}).items():
+        index = key[0] if isinstance(key, tuple) else key   # a path into the arguments
+        name = fn.arg_names[index] if isinstance(index, int) else str(index)
+        constexprs[name] = value
+    return CompiledKernel(fn.__name__, target, regs, stack, md.shared, md.num_warps,
                           md.num_stages, constexprs, census(ptx), ptx)
 
 
@@ -193,7 +197,7 @@ def compile_only(target: str):
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         if kernel is not None and id(kernel) not in seen:
             seen.add(id(kernel))
-            compiled.append(record(self.fn.__name__, target, kernel))
+            compiled.append(record(self, target, kernel))
         return kernel
 
     saved = driver._active, device._compile_target

@@ -105,19 +105,26 @@ import kernels
 from kernels.device import compile_only
 from kernels.softmax import softmax
 from kernels.attention import flash_attention
-q = torch.randn(1, 2, 300, 64, dtype=torch.float16)
+from kernels.attention.configs import default_blocks
+q = torch.randn(1, 2, 300, 128, dtype=torch.float16)
 seen = {}
 for t in ("sm_80", "sm_90"):
     with compile_only(t) as c:
         flash_attention(q, q, q)
         softmax(torch.randn(3, 5000))
-    seen[t] = {k.name: [k.constexprs.get("BLOCK_M"), k.num_warps, k.target] for k in c}
+        want = default_blocks("forward", 128, 2)
+    got = {k.name: k for k in c}["flash_fwd_kernel"]
+    seen[t] = dict(got=[got.constexprs["BLOCK_M"], got.constexprs["BLOCK_N"], got.num_warps,
+                        got.num_stages, got.target],
+                   want=[want.block_m, want.block_n, want.num_warps, want.num_stages, t],
+                   names=sorted(k.name for k in c))
 print(json.dumps(seen))
 """
     seen = _python(code)
-    assert seen["sm_80"]["flash_fwd_kernel"][2] == "sm_80"
-    assert seen["sm_90"]["flash_fwd_kernel"][2] == "sm_90"
-    assert "softmax_online_kernel" in seen["sm_80"]
+    for t in ("sm_80", "sm_90"):
+        assert seen[t]["got"] == seen[t]["want"], seen[t]
+        assert "softmax_online_kernel" in seen[t]["names"]
+    assert seen["sm_80"]["got"] != seen["sm_90"]["got"]   # the table differs at head_dim 128
 
 
 def test_compile_only_refuses_the_interpreter():

@@ -22,12 +22,12 @@ from kernels.device import capability
 # The backward's dK/dV kernel holds K, V, dK, dV for its key block in registers (4 tiles of
 # block_n × head_dim, two of them fp32), which is why its tiles are the smallest.
 _AMPERE = {  # sm_80 (A100); also the rule for sm_86/sm_89
-    "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(64, 64, 8, 3), BlockSizes(64, 32, 4, 3)),
-    "backward": (BlockSizes(64, 32, 4, 3), BlockSizes(32, 64, 8, 3), BlockSizes(32, 32, 4, 3)),
+    "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(64, 64, 8, 3), BlockSizes(64, 32, 8, 2)),
+    "backward": (BlockSizes(64, 32, 4, 3), BlockSizes(32, 64, 8, 3), BlockSizes(32, 32, 8, 3)),
 }
 _HOPPER = {  # sm_90 (H100, H200): wgmma wants 64-row warpgroup tiles; 227 KB of shared memory
-    "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(128, 64, 8, 3), BlockSizes(64, 64, 4, 3)),
-    "backward": (BlockSizes(128, 64, 8, 2), BlockSizes(64, 32, 8, 3), BlockSizes(64, 32, 4, 3)),
+    "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(128, 64, 8, 3), BlockSizes(64, 32, 8, 2)),
+    "backward": (BlockSizes(128, 64, 8, 2), BlockSizes(64, 32, 8, 3), BlockSizes(32, 32, 4, 2)),
 }
 INTERPRETER = BlockSizes(64, 64)
 
