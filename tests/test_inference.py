@@ -13,10 +13,17 @@ import torch
 from kernels.sampling import speculative_accept, speculative_accept_reference
 from kernels.sampling.checks import check_generator
 from shared.data import ByteTokenizer
-from shared.inference.generate import generate
+from shared.inference.generate import Phases, generate
 from shared.inference.kv_cache import KVCache
-from shared.inference.speculative import Drafter, accept_if_p_ge_q, speculative_generate
-from shared.inference.stats import chi_square, expected_tokens, model_speedup
+from shared.inference.speculative import Drafter, speculative_generate
+from shared.inference.stats import (
+    chi_square_power,
+    expected_tokens,
+    model_speedup,
+    two_token_p_values,
+    two_token_power,
+)
+from shared.inference.wrong_rules import FLAWS, exact_two_tokens, flawed_accept, rule
 from shared.models import Llama, LlamaConfig, zoo
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -99,35 +106,58 @@ def test_triton_and_reference_paths_agree_when_sampling(device):
     assert torch.equal(*ar)
 
 
-def sampled_vs_exact(accept, device, n=1500, gamma=2):
-    """n samples of the first two new tokens after one fixed prompt, and their exact
-    distributions under the target: p(t1 | prompt) and Σ_t1 p(t1 | prompt) p(t2 | prompt, t1).
-    Both tokens are decided by the acceptance rule (the first round scores p(· | prompt))."""
+def first_two(accept, device, n=1500, gamma=1, seed=21):
+    """n samples of the first two new tokens after one fixed prompt at T = 1, and the models'
+    distributions that decide them: p1, q1 [V] after the prompt, p2, q2 [V, V] (row t1: after
+    prompt + t1). With γ = 1 the second token is the bonus token whenever the first is kept."""
     target = peaky(4, scale=10.0, device=device)  # broad: several tokens matter (max p ≈ 0.17)
     draft = peaky(5, LlamaConfig(64, 16, 1, 2, 1, 32, 48), scale=10.0, device=device)
     prompt = prompts(1, 6, V=64, device=device)
     out = speculative_generate(target, Drafter(draft), prompt.expand(n, -1), 2, gamma=gamma,
-                               temperature=1.0, generator=seeded(21, device), accept=accept)
+                               temperature=1.0, generator=seeded(seed, device), accept=accept)
     with torch.no_grad():
-        p1 = torch.softmax(target(prompt)[0, -1].double(), -1)  # [V]
-        firsts = torch.arange(64, device=device)[:, None]
-        p2 = torch.softmax(target(torch.cat([prompt.expand(64, -1), firsts], 1))[:, -1]
-                           .double(), -1)  # [V(t1), V(t2)]
-    return out, p1, p1 @ p2
+        cont = torch.cat([prompt.expand(64, -1), torch.arange(64, device=device)[:, None]], 1)
+        dist = lambda m, x: torch.softmax(m(x)[:, -1].double(), -1)
+        p1, q1 = dist(target, prompt)[0], dist(draft, prompt)[0]
+        p2, q2 = dist(target, cont), dist(draft, cont)
+    return out, (p1, q1, p2, q2)
 
 
-def test_sampled_tokens_follow_target_and_wrong_rule_fails(device):
-    out, p1, p2 = sampled_vs_exact(None, device)
-    for i, exact in enumerate((p1, p2)):
-        _, _, pval = chi_square(torch.bincount(out.tokens[:, i], minlength=64), exact)
-        assert pval > 1e-3, (i, pval)
+def pair_counts(tokens, V=64):
+    """[V, V] counts of (t1, t2)."""
+    return torch.bincount(tokens[:, 0] * V + tokens[:, 1], minlength=V * V).reshape(V, V)
+
+
+def test_sampled_tokens_follow_target_and_every_wrong_rule_fails(device):
+    n = 1500
+    out, (p1, q1, p2, q2) = first_two(None, device, n=n)
+    exact = exact_two_tokens(p1, q1, p2, q2)
+    assert torch.allclose(exact, p1[:, None] * p2, atol=1e-12)  # the right rule: p1·p2
+    assert (two_token_p_values(pair_counts(out.tokens), exact) > 1e-3).all()
+    assert two_token_power(exact, exact, n, 1e-3, sims=200) < 0.02  # its size: rarely wrong
     measured, predicted = out.acceptance()
-    tried = (torch.arange(2, device=device) <= torch.stack(out.accepted)[..., None]).sum().item()
+    tried = (torch.arange(1, device=device) <= torch.stack(out.accepted)[..., None]).sum().item()
     sigma = (predicted * (1 - predicted) / tried) ** 0.5
     assert abs(measured - predicted) < 4 * sigma + 1e-3, (measured, predicted, sigma)
-    wrong, p1, _ = sampled_vs_exact(accept_if_p_ge_q, device)
-    _, _, pval_wrong = chi_square(torch.bincount(wrong.tokens[:, 0], minlength=64), p1)
-    assert pval_wrong < 1e-6, pval_wrong
+    for flaw in FLAWS:
+        wrong = exact_two_tokens(p1, q1, p2, q2, flaw)
+        # the setting has the power to see this bug (so the rejection below is not luck) ...
+        assert two_token_power(exact, wrong, n, 1e-3, sims=200) > 0.99, flaw
+        bad, _ = first_two(rule(flaw), device, n=n)
+        # ... and the test of the loop's real output rejects it
+        assert two_token_p_values(pair_counts(bad.tokens), exact)[3] < 1e-3, flaw
+        # while the output follows the distribution derived for the flawed rule
+        assert two_token_p_values(pair_counts(bad.tokens), wrong)[3] > 1e-4, flaw
+
+
+def test_the_bonus_bug_is_invisible_to_the_first_token(device):
+    """Why the panel needs the joint test: the bonus bug leaves t1 alone and moves t2."""
+    _, (p1, q1, p2, q2) = first_two(None, device, n=2)
+    exact = exact_two_tokens(p1, q1, p2, q2)
+    wrong = exact_two_tokens(p1, q1, p2, q2, "bonus from p_γ")
+    assert torch.allclose(wrong.sum(1), exact.sum(1), atol=1e-12)
+    assert (wrong.sum(0) - exact.sum(0)).abs().sum() > 0.05
+    assert chi_square_power(exact.sum(1), wrong.sum(1), 1500, 1e-3, sims=200) < 0.01
 
 
 def test_paper_formulas_and_bad_arguments():
@@ -225,3 +255,38 @@ def test_debug_flag_turns_the_value_checks_on(device, host_reads, monkeypatch):
     cache = KVCache(TINY, 2, device=device)
     with pytest.raises(ValueError, match="lengths"):
         cache.set_lengths(torch.tensor([3, TINY.max_seq_len + 1], device=device))
+
+
+def test_profile_counts_the_phases_and_changes_nothing(device):
+    target = peaky(9, device=device)
+    draft = peaky(10, LlamaConfig(64, 16, 1, 2, 1, 32, 48), device=device)
+    prompt = prompts(2, 5, V=64, device=device)
+    ar = Phases()
+    assert torch.equal(generate(target, prompt, 12, profile=ar).tokens,
+                       generate(target, prompt, 12).tokens)
+    assert (ar.calls["prefill"], ar.calls["forward"], ar.calls["choose"]) == (1, 11, 12)
+    spec = Phases()
+    out = speculative_generate(target, Drafter(draft), prompt, 12, gamma=3, profile=spec)
+    assert torch.equal(out.tokens, generate(target, prompt, 12).tokens)
+    rounds = len(out.accepted)
+    assert spec.calls["verify"] == spec.calls["rule"] == rounds
+    assert spec.calls["draft"] == 3 * rounds and out.draft_calls == 3 * rounds + 1
+    assert all(spec.seconds[k] > 0 for k in ("prefill", "draft", "verify", "rule"))
+    with pytest.raises(TypeError, match="profile"):
+        generate(target, prompt, 4, profile={})
+    with pytest.raises(ValueError, match="never ran"):
+        Phases().per_call("draft")
+
+
+def test_bad_flaw_and_fingerprint_mismatch_are_named(monkeypatch):
+    with pytest.raises(ValueError, match="flaw"):
+        rule("off by one")
+    x = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="flaw"):
+        flawed_accept(x, torch.full((1, 2, 4), 0.25), torch.full((1, 3, 4), 0.25), flaw="typo")
+    assert len(zoo.held_out_tokens("target", "draft")) > 1000  # this machine's corpus matches
+    monkeypatch.setattr(zoo, "corpus_fingerprint", lambda: "0123456789ab")
+    with pytest.raises(ValueError, match="fingerprint 0123456789ab .* differs"):
+        zoo.held_out_tokens("target")
+    with pytest.raises(ValueError, match="names"):
+        zoo.held_out_tokens()

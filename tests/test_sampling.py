@@ -13,8 +13,8 @@ from kernels.sampling import (
     speculative_accept_reference,
 )
 from shared.check import fresh_seed, kernel_device
-from shared.inference.speculative import accept_if_p_ge_q
 from shared.inference.stats import chi_square
+from shared.inference.wrong_rules import FLAWS, rule
 
 DEVICE = kernel_device()  # the `device` fixture's value, for helpers called outside tests
 
@@ -127,8 +127,9 @@ def first_token_counts(accept, x, q, p, seed):
     return torch.bincount(first, minlength=q.shape[-1])
 
 
-def test_accept_output_is_target_distributed_and_wrong_rule_is_caught(device):
-    """One fixed (p, q) pair repeated N times: the first emitted token must follow p."""
+def test_accept_output_is_target_distributed_and_wrong_rules_are_caught(device):
+    """One fixed (p, q) pair repeated N times: the first emitted token must follow p, and each
+    flawed rule that touches it must fail the same test (the bonus bug is tested below)."""
     V, gamma = 10, 2
     g = gen(7, device)
     q1 = torch.softmax(1.5 * randn(V, g=g), 0)
@@ -145,8 +146,27 @@ def test_accept_output_is_target_distributed_and_wrong_rule_is_caught(device):
         counts = first_token_counts(accept, *batch(n), seed=9)
         _, _, pval = chi2(counts, p1)
         assert pval > 1e-3, (accept.__name__, pval)
-    _, _, pval_wrong = chi2(first_token_counts(accept_if_p_ge_q, *batch(2000), 9), p1)
-    assert pval_wrong < 1e-6, pval_wrong
+    for flaw in [f for f in FLAWS if f != "bonus from p_γ"]:
+        _, _, pval_wrong = chi2(first_token_counts(rule(flaw), *batch(4000), 9), p1)
+        assert pval_wrong < 1e-6, (flaw, pval_wrong)
+
+
+def test_bonus_token_comes_from_the_last_target_row(device):
+    """Every draft accepted (p_i = q_i): the extra token must follow p_{γ+1}; the bonus bug
+    draws it from p_γ and is caught."""
+    V, gamma, n = 12, 3, 3000
+    g = gen(17, device)
+    q = torch.softmax(1.5 * randn(gamma, V, g=g), -1)
+    last = torch.softmax(1.5 * randn(V, g=g), 0)
+    p = torch.cat([q, last[None]]).expand(n, -1, -1).contiguous()
+    x = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g)
+                     for i in range(gamma)], 1)
+    q = q.expand(n, -1, -1).contiguous()
+    for accept in (speculative_accept_reference, rule("bonus from p_γ")):
+        k, nxt = accept(x, q, p, generator=gen(18, device))
+        assert (k == gamma).all()
+        _, _, pval = chi2(torch.bincount(nxt, minlength=V), last)
+        assert (pval > 1e-3) if accept is speculative_accept_reference else (pval < 1e-6)
 
 
 def test_bad_inputs_are_named(device):

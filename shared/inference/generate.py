@@ -12,6 +12,9 @@ the checks that would read values back run only under KC_DEBUG=1 (`debug_checks`
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +52,55 @@ def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+def next_token(logits: torch.Tensor, temperature: float, generator, sample) -> torch.Tensor:
+    """logits [B, V] -> int64 [B]: the one place both decoding loops pick a token, so the
+    autoregressive baseline and the speculative loop do the same work per token (greedy: a
+    bare argmax, no argument checks, in both)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return sample(logits, temperature=temperature, generator=generator)
+
+
+class Phases:
+    """Wall-clock seconds and call counts per phase of a decoding loop (`profile=` of
+    generate / speculative_generate), for measuring the paper's cost ratio c inside the real
+    loops. On a GPU each phase ends with a synchronize: profile only in a separate pass."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._sync = False
+
+    def bind(self, device: torch.device) -> Phases:
+        self._sync = torch.device(device).type == "cuda"
+        return self
+
+    @contextmanager
+    def __call__(self, name: str, calls: int = 1):
+        if self._sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self._sync:
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - t0
+        self.calls[name] += calls
+
+    def per_call(self, name: str) -> float:
+        if not self.calls[name]:
+            raise ValueError(f"phase {name!r} never ran")
+        return self.seconds[name] / self.calls[name]
+
+
+def phase_timer(profile: Phases | None, device):
+    """`profile` bound to the device, or a no-op timer when not profiling."""
+    if profile is None:
+        return lambda name, calls=1: nullcontext()
+    if not isinstance(profile, Phases):
+        raise TypeError(f"profile must be a Phases or None, got {type(profile).__name__}")
+    return profile.bind(device)
+
+
 def model_device(model: Llama) -> torch.device:
     return model.lm_head.weight.device
 
@@ -78,24 +130,28 @@ class Generation:
 @torch.no_grad()
 def generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 0.0, generator: torch.Generator | None = None,
-             impl: str | None = None) -> Generation:
+             impl: str | None = None, profile: Phases | None = None) -> Generation:
     """prompt int64 [B, P] -> B continuations of max_new_tokens tokens, one forward each.
-    `generator`, when given, must be on the model's device."""
+    `generator`, when given, must be on the model's device; `profile` (a Phases) collects
+    the time of the prefill, of each one-token forward and of each token choice."""
     check_prompt(model, prompt, max_new_tokens)
     sample, _ = ops(impl)
     device = model_device(model)
     check_generator(generator, device)
+    timer = phase_timer(profile, device)
     prompt = prompt.to(device)
     cache = KVCache(model.config, prompt.shape[0], max_len=prompt.shape[1] + max_new_tokens,
                     dtype=model.lm_head.weight.dtype, device=device)
-    logits = model(prompt, cache=cache)[:, -1]  # prefill: [B, V]
-    cache.advance(prompt.shape[1])
+    with timer("prefill"):
+        logits = model(prompt, cache=cache)[:, -1]  # [B, V]
+        cache.advance(prompt.shape[1])
     out = []
     for _ in range(max_new_tokens):
-        token = sample(logits, temperature=temperature, generator=generator)  # [B]
-        out.append(token)
+        with timer("choose"):
+            out.append(next_token(logits, temperature, generator, sample))  # [B]
         if len(out) == max_new_tokens:
             break
-        logits = model(token[:, None], cache=cache)[:, -1]
-        cache.advance(1)
+        with timer("forward"):
+            logits = model(out[-1][:, None], cache=cache)[:, -1]
+            cache.advance(1)
     return Generation(torch.stack(out, 1), target_calls=max_new_tokens)

@@ -20,7 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.sampling.checks import check_generator
-from shared.inference.generate import Generation, check_prompt, model_device, ops, probs
+from shared.inference.generate import (
+    Generation,
+    Phases,
+    check_prompt,
+    model_device,
+    next_token,
+    ops,
+    phase_timer,
+    probs,
+)
 from shared.inference.kv_cache import KVCache
 from shared.models.llama import Llama, debug_checks
 
@@ -74,13 +83,15 @@ class SpecGeneration(Generation):
 def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
                          max_new_tokens: int, *, gamma: int, temperature: float = 0.0,
                          generator: torch.Generator | None = None, impl: str | None = None,
-                         accept=None) -> SpecGeneration:
+                         accept=None, profile: Phases | None = None) -> SpecGeneration:
     """prompt int64 [B, P] -> SpecGeneration with tokens [B, max_new_tokens].
 
     ``accept`` overrides the acceptance rule (same signature as speculative_accept): the tests
-    plug a wrong rule in to show the distribution test catches it. Inputs to the rule are
-    built here from softmaxes, so its (host-synchronising) input checks run only under
-    KC_DEBUG=1. `generator`, when given, must be on the target's device.
+    plug wrong rules in (shared/inference/wrong_rules.py) to show the distribution test
+    catches them. Inputs to the rule are built here from softmaxes, so its
+    (host-synchronising) input checks run only under KC_DEBUG=1. `generator`, when given,
+    must be on the target's device. `profile` (a Phases) collects the time of each phase:
+    prefill, draft (per drafter step), verify (per target forward), rule, bookkeeping.
     """
     if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
@@ -93,6 +104,7 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
     if model_device(dmodel) != device:
         raise ValueError(f"drafter is on {model_device(dmodel)} but target is on {device}")
     check_generator(generator, device)
+    timer = phase_timer(profile, device)
     prompt = prompt.to(device)
     B, P = prompt.shape
     size = P + max_new_tokens + gamma + 1
@@ -102,10 +114,11 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
 
     # Prefill the caches on all but the prompt's last token: the first round then scores
     # p(· | prompt) itself, so every new token, the first included, passes the rule.
-    target(prompt[:, :-1], cache=tcache)
-    tcache.advance(P - 1)
-    if P > 2:
-        dmodel(prompt[:, :-2], cache=dcache, n_layers=k)
+    with timer("prefill"):
+        target(prompt[:, :-1], cache=tcache)
+        tcache.advance(P - 1)
+        if P > 2:
+            dmodel(prompt[:, :-2], cache=dcache, n_layers=k)
     # New tokens; the last column is a dump for the writes a round does not keep (step 4).
     out = torch.zeros(B, max_new_tokens + gamma + 2, dtype=torch.long, device=device)
     dump = out.shape[1] - 1
@@ -130,67 +143,52 @@ def speculative_generate(target: Llama, drafter: Drafter, prompt: torch.Tensor,
         dcache.set_lengths(start - 1)
         x_in = torch.stack([prev, last], 1)  # [B, 2]
         drafts, draft_logits = [], []
-        for _ in range(gamma):
-            logits = dmodel(x_in, cache=dcache, n_layers=k)[:, -1]  # [B, V]
-            dcache.advance(x_in.shape[1])
-            draft_logits.append(logits)
-            drafts.append(logits.argmax(-1) if greedy else
-                          sample(logits, temperature=temperature, generator=generator))
-            x_in = drafts[-1][:, None]
-        drafts_t = torch.stack(drafts, 1)  # [B, γ]
+        with timer("draft", calls=gamma):
+            for _ in range(gamma):
+                logits = dmodel(x_in, cache=dcache, n_layers=k)[:, -1]  # [B, V]
+                dcache.advance(x_in.shape[1])
+                draft_logits.append(logits)
+                # the token choice the autoregressive loop makes, so c compares like with like
+                drafts.append(next_token(logits, temperature, generator, sample))
+                x_in = drafts[-1][:, None]
+            drafts_t = torch.stack(drafts, 1)  # [B, γ]
         # 2. The target scores last + γ drafts in one forward: p_1..p_{γ+1}.
-        tokens = torch.cat([last[:, None], drafts_t], 1)  # [B, γ+1]
-        target_logits = target(tokens, cache=tcache)  # [B, γ+1, V]
+        with timer("verify"):
+            tokens = torch.cat([last[:, None], drafts_t], 1)  # [B, γ+1]
+            target_logits = target(tokens, cache=tcache)  # [B, γ+1, V]
         # 3. The rule (Alg. 1): n accepted drafts + one token from the residual or p_{γ+1}.
-        if greedy:
-            # p, q one-hot: accept while the draft is the target's argmax; the residual is the
-            # target's argmax at the first mismatch (the rule's T -> 0 limit, tested equal).
-            best = target_logits.argmax(-1)  # [B, γ+1]
-            match = drafts_t == best[:, :gamma]
-            n = torch.where(match, gamma, idx).amin(1)
-            nxt = best[rows, n]
-            overlap = match.float()  # Σ min(p, q) of one-hot p, q
-        else:
-            q_t = probs(torch.stack(draft_logits, 1), temperature)  # [B, γ, V]
-            p_t = probs(target_logits, temperature)  # [B, γ+1, V]
-            n, nxt = accept(drafts_t, q_t, p_t, generator=generator,
-                            check_inputs=debug_checks())
-            overlap = torch.minimum(p_t[:, :gamma], q_t).sum(-1)  # [B, γ]
-        result.accepted.append(n)
-        result.active.append(active)
-        result.overlap.append(overlap)
-        # 4. Keep x_1..x_n and the new token; roll the target cache back to last + x_1..x_n.
-        j = torch.arange(gamma + 1, device=device)
-        new = torch.where(j < n[:, None], torch.cat([drafts_t, drafts_t[:, :1]], 1),
-                          nxt[:, None])  # [B, γ+1]: x_1..x_n, next, (ignored)
-        keep = (j <= n[:, None]) & active[:, None]
-        # A scatter, not out[mask] = ...: boolean indexing counts the mask on the host.
-        out.scatter_(1, torch.where(keep, count[:, None] + j, dump), new)
-        count = count + torch.where(active, n + 1, 0)
-        tcache.set_lengths(start + torch.where(active, n + 1, 0))
-        prev = torch.where(active, torch.where(n > 0, drafts_t[rows, (n - 1).clamp(min=0)],
-                                               last), prev)
-        last = torch.where(active, nxt, last)
+        with timer("rule"):
+            if greedy:
+                # p, q one-hot: accept while the draft is the target's argmax; the residual is
+                # the target's argmax at the first mismatch (the rule's T -> 0 limit, tested).
+                best = target_logits.argmax(-1)  # [B, γ+1]
+                match = drafts_t == best[:, :gamma]
+                n = torch.where(match, gamma, idx).amin(1)
+                nxt = best[rows, n]
+                overlap = match.float()  # Σ min(p, q) of one-hot p, q
+            else:
+                q_t = probs(torch.stack(draft_logits, 1), temperature)  # [B, γ, V]
+                p_t = probs(target_logits, temperature)  # [B, γ+1, V]
+                n, nxt = accept(drafts_t, q_t, p_t, generator=generator,
+                                check_inputs=debug_checks())
+                overlap = torch.minimum(p_t[:, :gamma], q_t).sum(-1)  # [B, γ]
+        with timer("bookkeeping"):
+            result.accepted.append(n)
+            result.active.append(active)
+            result.overlap.append(overlap)
+            # 4. Keep x_1..x_n and the new token; roll the target cache back to last + x_1..x_n.
+            j = torch.arange(gamma + 1, device=device)
+            new = torch.where(j < n[:, None], torch.cat([drafts_t, drafts_t[:, :1]], 1),
+                              nxt[:, None])  # [B, γ+1]: x_1..x_n, next, (ignored)
+            keep = (j <= n[:, None]) & active[:, None]
+            # A scatter, not out[mask] = ...: boolean indexing counts the mask on the host.
+            out.scatter_(1, torch.where(keep, count[:, None] + j, dump), new)
+            count = count + torch.where(active, n + 1, 0)
+            tcache.set_lengths(start + torch.where(active, n + 1, 0))
+            prev = torch.where(active, torch.where(n > 0, drafts_t[rows, (n - 1).clamp(min=0)],
+                                                   last), prev)
+            last = torch.where(active, nxt, last)
         result.target_calls += 1
         result.draft_calls += gamma
     result.tokens = out[:, :max_new_tokens]
     return result
-
-
-def accept_if_p_ge_q(draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
-                     target_probs: torch.Tensor, *, generator: torch.Generator | None = None,
-                     check_inputs: bool = False):
-    """A deliberately WRONG rule, kept to show that the distribution tests can fail: accept x
-    iff p(x) >= q(x), deterministically. Tokens the drafter over-proposes are then never
-    emitted through acceptance, so the output is not distributed as p."""
-    B, gamma = draft_tokens.shape
-    x = draft_tokens.long()[..., None]
-    p = target_probs[:, :gamma].gather(2, x)[..., 0]
-    q = draft_probs.gather(2, x)[..., 0]
-    idx = torch.arange(gamma, device=x.device)
-    n = torch.where(p >= q, gamma, idx).amin(1)
-    rows = torch.arange(B, device=x.device)
-    q_n = torch.where((n < gamma)[:, None], draft_probs[rows, n.clamp(max=gamma - 1)], 0.0)
-    residual = (target_probs[rows, n] - q_n).clamp(min=0)
-    residual = torch.where(residual.sum(1, keepdim=True) > 0, residual, target_probs[rows, n])
-    return n, torch.multinomial(residual, 1, generator=generator)[:, 0]

@@ -94,6 +94,23 @@ def checkpoint(name: str, *, train_if_missing: bool = True) -> dict:
     return train_and_save(name, checkpoint_paths(name)[1])
 
 
+def held_out_tokens(*names: str) -> torch.Tensor:
+    """The validation split the models `names` were scored on, as 1-D int64 tokens, after
+    checking that this machine's corpus is the one each checkpoint was trained on (the
+    fingerprint it stores). The corpus is this Python's standard library: under another Python
+    the split moves, and text cut from the "held-out" tail could be text a model trained on."""
+    if not names:
+        raise ValueError("names must list at least one model, e.g. held_out_tokens('target')")
+    here = corpus_fingerprint()
+    for name in names:
+        stored = checkpoint(name)["corpus"]
+        if stored != here:
+            raise ValueError(f"corpus fingerprint {here} (this Python's stdlib) differs from the "
+                             f"{stored} that {name!r} was trained on: its held-out split is not "
+                             f"held out here; retrain with `python -m shared.models.zoo {name}`")
+    return train_val_tokens()[1]
+
+
 def load(name: str, *, train_if_missing: bool = True) -> Llama:
     """The trained model `name` ("target" or "draft") in float32, eval mode, no grad needed."""
     ckpt = checkpoint(name, train_if_missing=train_if_missing)
