@@ -65,20 +65,21 @@ def test_bad_impl_is_refused_by_name():
 
 def _row(kernel="flash_fwd_kernel", target="sm_80", occupancy=0.125, warps=8, stages=3,
          cp_async=12, block=(128, 64, 64)):
-    """A compile row as kclub compile writes it: constexprs keyed by argument index."""
-    names = fc._arg_names()[kernel]
-    consts = {str(names.index(k)): v for k, v in zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), block,
-                                                     strict=True)}
-    consts[str(names.index("CAUSAL"))] = False
+    """A compile row as kclub compile writes it (constexprs by parameter name)."""
+    consts = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_D"), block, strict=True), CAUSAL=False)
     return {"kernel": kernel, "target": target, "dtype": "fp16", "case": "GPT-2 medium",
             "occupancy": occupancy, "num_warps": warps, "num_stages": stages,
             "constexprs": consts, "census": {"cp.async": cp_async}}
 
 
-def test_constexprs_and_blocks_by_name():
+def test_blocks_and_table():
     row = _row(kernel="flash_bwd_dkdv_kernel", block=(64, 32, 128), warps=4)
-    assert fc.constexprs(row) == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128, "CAUSAL": False}
     assert fc.blocks(row) == BlockSizes(64, 32, 4, 3)
+    row |= {"registers": 200, "spill_bytes": 0, "shared_bytes": 45 * 1024,
+            "shared_limit": 163 * 1024,
+            "census": {"mma.sync": 64, "wgmma": 0, "cp.async": 24, "ex2.approx": 16}}
+    line = fc.table([row]).splitlines()[1].split()
+    assert line[:5] == ["bwd", "dK/dV", "128", "sm_80", "64x32"] and "45/163" in line
 
 
 def test_forward_bandwidth_is_littles_law():

@@ -31,20 +31,6 @@ MUFU_PER_CLOCK_PER_SM = 16     # ex2 results per clock per SM (CUDA guide, throu
 CLOCK_HZ = {"A100 80GB": 1.41e9, "H100 SXM": 1.83e9}
 
 
-def _arg_names() -> dict[str, list[str]]:
-    from kernels.attention import triton_bwd, triton_fwd
-
-    fns = (triton_fwd.flash_fwd_kernel, triton_bwd.flash_bwd_dkdv_kernel,
-           triton_bwd.flash_bwd_dq_kernel, triton_bwd.flash_bwd_preprocess_kernel)
-    return {name: list(fn.arg_names) for name, fn in zip(KERNELS, fns, strict=True)}
-
-
-def constexprs(row: dict) -> dict[str, object]:
-    """The row's specialised constants by argument name (compile_only keys them by index)."""
-    names = _arg_names()[row["kernel"]]
-    return {names[int(i)]: v for i, v in row["constexprs"].items()}
-
-
 def select(rows: list[dict], *, target: str | None = None, dtype: str | None = None,
            case: str | None = None, kernel: str | None = None) -> list[dict]:
     """This lab's flash-kernel rows, filtered; `case` matches a substring of the case label."""
@@ -64,7 +50,7 @@ def one(rows: list[dict], **where) -> dict:
 
 def blocks(row: dict) -> BlockSizes:
     """The tiles (and warps, stages) the launcher chose for this kernel on this target."""
-    c = constexprs(row)
+    c = row["constexprs"]
     return BlockSizes(c["BLOCK_M"], c["BLOCK_N"], row["num_warps"], row["num_stages"])
 
 
@@ -75,7 +61,7 @@ def table(rows: list[dict]) -> str:
             f"{'wgmma':>5} {'cp.async':>8} {'ex2':>4}")
     lines = [head]
     for r in rows:
-        c, census = constexprs(r), r["census"]
+        c, census = r["constexprs"], r["census"]
         tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}" if "BLOCK_N" in c else f"{c['BLOCK_M']}"
         smem = f"{r['shared_bytes'] / 1024:.0f}/{r['shared_limit'] / 1024:.0f}"
         lines.append(
@@ -97,7 +83,7 @@ def forward_bytes_in_flight(row: dict, itemsize: int = 2) -> float:
     warps."""
     if row["kernel"] != "flash_fwd_kernel":
         raise ValueError(f"row must be a flash_fwd_kernel row, got {row['kernel']!r}")
-    c = constexprs(row)
+    c = row["constexprs"]
     stages = row["num_stages"] if row["census"]["cp.async"] else 1
     return stages * 2 * c["BLOCK_N"] * c["BLOCK_D"] * itemsize / row["num_warps"]
 
