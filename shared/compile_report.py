@@ -80,6 +80,7 @@ def _torch_cases() -> list[Case]:
         _grouped(grouped_matmul, 64, 2048, 1408, torch.bfloat16))
     add("moe", "permute + unpermute top-2 of 8, D=4096", "bf16", True,
         lambda: _permute(permute, unpermute, torch.bfloat16))
+    _paged_cases(add, dtypes)
     for v in (256, 32_000, 128_256):  # the labs' byte vocabulary, Llama 2, Llama 3
         add("sampling", f"gumbel_sample V={v}", "fp32", True,
             lambda v=v: gumbel_sample(torch.randn(4, v), temperature=0.8))
@@ -88,6 +89,47 @@ def _torch_cases() -> list[Case]:
         add("sampling", f"speculative_accept γ=4 V={v}", "fp32", True,
             lambda v=v: _accept(speculative_accept, 4, v))
     return cases
+
+
+def _paged_cases(add, dtypes) -> None:
+    """Paged decode attention (Llama-3-8B heads: GQA 32/8 at d=128; MHA d=64; MQA at the padded
+    d=80), RoPE and the fused cache write, at ragged token counts."""
+    import torch
+
+    from kernels.paged import rope, rope_cache_write, rope_cache_write_unfused
+    from kernels.paged.paged_attention_triton import paged_attention
+
+    def attention(hq, hkv, d, dt, splits):
+        def run():
+            q = torch.randn(4, hq, d, dtype=dtypes[dt])
+            k = torch.randn(300, 16, hkv, d, dtype=dtypes[dt])
+            tables = torch.randint(0, 300, (4, 70), dtype=torch.int32)
+            lens = torch.tensor([1, 513, 17, 1111], dtype=torch.int32)
+            paged_attention(q, k, k.clone(), tables, lens, num_splits=splits,
+                            check_inputs=False)
+        return run
+
+    def write(fn, dt):
+        def run():
+            q, k = torch.randn(37, 32, 128, dtype=dtypes[dt]), torch.randn(37, 8, 128,
+                                                                         dtype=dtypes[dt])
+            cache = torch.empty(20, 16, 8, 128, dtype=dtypes[dt])
+            fn(q, k, k.clone(), torch.arange(37), torch.arange(37, dtype=torch.int32), cache,
+               cache.clone())
+        return run
+
+    for dt in dtypes:
+        main = dt != "fp32"
+        for hq, hkv, d in ((32, 8, 128), (8, 8, 64), (8, 1, 80)):
+            add("paged", f"paged_attention split-K 4 Hq/Hkv={hq}/{hkv} d={d}", dt, main,
+                attention(hq, hkv, d, dt, 4))
+        add("paged", "rope fwd+bwd 37×32×128", dt, main,
+            lambda dt=dt: rope(torch.randn(37, 32, 128, dtype=dtypes[dt], requires_grad=True),
+                               torch.arange(37)).sum().backward())
+        add("paged", "rope_cache_write 37 tokens 32/8 d=128", dt, main,
+            write(rope_cache_write, dt))
+        add("paged", "rope_cache_write_unfused 37 tokens 32/8 d=128", dt, main,
+            write(rope_cache_write_unfused, dt))
 
 
 def _grouped(fn, e, k, n, dtype):
@@ -161,6 +203,7 @@ def _pallas_cases() -> list[tuple[str, str, Callable, tuple]]:
 
     from kernels.attention import flash_attention_pallas
     from kernels.moe.grouped_matmul_pallas import grouped_matmul_pallas
+    from kernels.paged import paged_attention_pallas, rope_pallas
     from kernels.softmax import softmax_pallas
 
     def grads(f):  # every input's cotangent, through the kernels' custom_vjp backward
@@ -188,6 +231,17 @@ def _pallas_cases() -> list[tuple[str, str, Callable, tuple]]:
         cases.append(("moe", f"grouped_matmul_pallas fwd E=8 2048→1408 {tag}", gmm, xw))
         cases.append(("moe", f"grouped_matmul_pallas grads E=8 2048→1408 {tag}", grads(gmm),
                       xw))
+        for hq, hkv, d in ((32, 8, 128), (8, 8, 64), (8, 1, 80)):
+            paged = (S((4, hq, d), dt), S((300, 16, hkv, d), dt), S((300, 16, hkv, d), dt),
+                     S((4, 70), jnp.int32), S((4,), jnp.int32))
+            cases.append(("paged", f"paged_attention_pallas 4 splits Hq/Hkv={hq}/{hkv} d={d} "
+                          f"{tag}", lambda *a: paged_attention_pallas(*a, num_splits=4), paged))
+        for interleaved in (False, True):
+            rot = lambda x, p, il=interleaved: rope_pallas(x, p, interleaved=il)
+            xp = (S((37, 32, 128), dt), S((37,), jnp.int32))
+            cases.append(("paged", f"rope_pallas fwd interleaved={interleaved} {tag}", rot, xp))
+            cases.append(("paged", f"rope_pallas grads interleaved={interleaved} {tag}",
+                          lambda x, p, rot=rot: jax.vjp(lambda x_: rot(x_, p), x)[1](x), xp))
     return cases
 
 
@@ -213,7 +267,7 @@ def lower_pallas(families=None, progress: bool = True) -> list[dict]:
     return rows
 
 
-FAMILIES = ("softmax", "attention", "sampling", "moe")
+FAMILIES = ("softmax", "attention", "sampling", "moe", "paged")
 
 
 def run(targets: tuple[str, ...], families=None, progress: bool = True) -> list[dict]:

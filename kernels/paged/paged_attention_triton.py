@@ -118,11 +118,12 @@ def paged_attention_merge_kernel(
     tl.store(O + row * head_dim + offs_d, o.to(O.dtype.element_ty), mask=offs_d < head_dim)
 
 
-def default_splits(batch: int, kv_heads: int, max_len: int) -> int:
-    """Enough (sequence, KV head, split) programs to fill the SMs once, but no split shorter than
-    MIN_SPLIT_TOKENS. max_len is the block table's reach, so the choice needs no host sync."""
+def default_splits(batch: int, kv_heads: int, max_len: int, sms: int | None = None) -> int:
+    """Enough (sequence, KV head, split) programs to fill `sms` SMs (default: the target's) once,
+    but no split shorter than MIN_SPLIT_TOKENS. max_len is the block table's reach, so the
+    choice needs no host sync."""
     programs = batch * kv_heads
-    sms = SM_COUNT.get(capability(), SM_COUNT[90])
+    sms = sms or SM_COUNT.get(capability(), SM_COUNT[90])
     by_sms = -(-sms // programs)
     by_length = max(1, max_len // MIN_SPLIT_TOKENS)
     return max(1, min(by_sms, by_length, MAX_SPLITS))
