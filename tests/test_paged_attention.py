@@ -10,6 +10,7 @@ import torch
 
 from kernels.paged import paged_attention, paged_attention_reference
 from kernels.paged.paged_attention_triton import default_splits
+from kernels.paged.reference import random_paged_inputs
 from shared.check import assert_close, fresh_seed, kernel_device, kernel_dtypes
 
 DEVICE = kernel_device()
@@ -17,24 +18,9 @@ BLOCK = 16
 LENGTHS = (0, 1, 3, BLOCK - 1, BLOCK + 1, 513)
 
 
-def paged_inputs(lengths, heads, kv_heads, head_dim, dtype, *, pool=400, block=BLOCK, seed=0):
-    """q, caches, block tables and seq_lens: each sequence's blocks drawn at random (distinct)
-    from a pool, and every slot no sequence owns is NaN."""
-    g = torch.Generator().manual_seed(seed)
-    batch, max_blocks = len(lengths), max(1, max(-(-n // block) for n in lengths))
-    q = torch.randn(batch, heads, head_dim, generator=g)
-    k = torch.full((pool, block, kv_heads, head_dim), float("nan"))
-    v = k.clone()
-    chosen = torch.randperm(pool, generator=g)[:batch * max_blocks].view(batch, max_blocks)
-    tables = chosen.to(torch.int32)
-    for b, n in enumerate(lengths):
-        for t in range(n):
-            blk, slot = chosen[b, t // block], t % block
-            k[blk, slot] = torch.randn(kv_heads, head_dim, generator=g)
-            v[blk, slot] = torch.randn(kv_heads, head_dim, generator=g)
-    to = lambda x: x.to(DEVICE, dtype)  # noqa: E731
-    return (to(q), to(k), to(v), tables.to(DEVICE),
-            torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+def paged_inputs(lengths, heads, kv_heads, head_dim, dtype, seed=0):
+    return random_paged_inputs(lengths, heads, kv_heads, head_dim, dtype, block_size=BLOCK,
+                               seed=seed, device=DEVICE)
 
 
 def reference64(q, k, v, tables, lens, **kw):

@@ -85,3 +85,26 @@ def rope_cache_write_reference(q, k, v, positions, slot_mapping, k_cache, v_cach
     flat_k[slot_mapping[keep].long()] = k_rot[keep]
     flat_v[slot_mapping[keep].long()] = v[keep]
     return q_rot
+
+
+def random_paged_inputs(lengths, heads: int, kv_heads: int, head_dim: int, dtype, *,
+                        pool: int = 400, block_size: int = 16, seed: int = 0, device="cpu"):
+    """Inputs for the checks: (q, k_cache, v_cache, block_tables, seq_lens). Each sequence's
+    blocks are drawn at random (distinct) from a pool of `pool` blocks, and every cache slot no
+    sequence owns is NaN, so a kernel that reads past a sequence's end shows it."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    max_blocks = max(1, max(-(-n // block_size) for n in lengths))
+    if batch * max_blocks > pool:
+        raise ValueError(f"pool={pool} blocks cannot hold {batch} × {max_blocks} blocks")
+    q = torch.randn(batch, heads, head_dim, generator=g)
+    k = torch.full((pool, block_size, kv_heads, head_dim), float("nan"))
+    v = k.clone()
+    chosen = torch.randperm(pool, generator=g)[:batch * max_blocks].view(batch, max_blocks)
+    for b, n in enumerate(lengths):
+        blocks, slots = chosen[b, torch.arange(n) // block_size], torch.arange(n) % block_size
+        k[blocks, slots] = torch.randn(n, kv_heads, head_dim, generator=g)
+        v[blocks, slots] = torch.randn(n, kv_heads, head_dim, generator=g)
+    return (q.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
+            chosen.to(device, torch.int32), torch.tensor(lengths, dtype=torch.int32,
+                                                         device=device))
