@@ -6,10 +6,11 @@ through the same checks; the torch-only ones (type, device) come from kernels.va
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from kernels.attention._args import softmax_scale  # noqa: F401  (one rule for every attention)
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 FLOAT_NAMES = ("float32", "float16", "bfloat16")
@@ -112,17 +113,6 @@ def check_tables(block_tables, seq_lens, shape: PagedShape) -> None:
         b, j = np.argwhere(bad)[0]
         raise ValueError(f"block_tables[{b}, {j}] = {tables[b, j]} is not a block of the cache "
                          f"(0..{shape.num_blocks - 1})")
-
-
-def softmax_scale(sm_scale, head_dim: int) -> float:
-    """The factor on q·k: 1/sqrt(head_dim) unless given."""
-    if sm_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, int | float):
-        raise TypeError(f"sm_scale must be a float or None, got {type(sm_scale).__name__}")
-    if not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a finite positive float, got {sm_scale}")
-    return float(sm_scale)
 
 
 def check_splits(num_splits) -> None:
