@@ -7,7 +7,7 @@ import torch
 
 from shared.data import ByteTokenizer
 from shared.moe import moe_layers
-from shared.moe.experiment import ROUTERS, MoERun, dropped_vs_capacity, train_moe
+from shared.moe.experiment import ROUTERS, MoERun, dropped_vs_capacity, t_interval, train_moe
 
 RUN = MoERun(steps=4, batch_size=4, seq_len=16, dim=32, n_layers=1, n_heads=2, experts=4,
              expert_ffn=16, capacity_factor=1.0)
@@ -37,3 +37,16 @@ def test_dropped_share_falls_as_capacity_grows(tokens):
     values = [curve[f] for f in sorted(curve)]
     assert values == sorted(values, reverse=True)
     assert values[0] > 0 and values[-1] == 0.0            # cf = E / k: nothing can overflow
+
+
+def test_t_interval_matches_student_t():
+    stats = pytest.importorskip("scipy.stats")   # scipy comes with jax
+    for n in range(2, 11):
+        values = [float(i * i % 7) for i in range(n)]
+        mean, low, high = t_interval(values)
+        sem = stats.sem(values)
+        lo, hi = stats.t.interval(0.95, n - 1, loc=mean, scale=sem)
+        assert (low + high) / 2 == pytest.approx(sum(values) / n)
+        assert high - low == pytest.approx(hi - lo, rel=1e-3)   # t to 3 decimals
+    with pytest.raises(ValueError, match="2 to 10 seeds"):
+        t_interval([1.0])

@@ -150,9 +150,8 @@ def versus_mixtral(experts: int, tokens: int, dim: int, ffn: int, k: int = 2,
 
 
 def tokens_per_s(row: dict) -> dict[str, float]:
-    """{contender: tokens/s at its median} for a row of versus_mixtral or dispatch_throughput."""
-    tokens = row.get("tokens")
-    return {n: (tokens or 1) / tm.median_s for n, tm in row["timings"].items()}
+    """{contender: tokens/s at its median} for a row of versus_mixtral."""
+    return {n: row["tokens"] / tm.median_s for n, tm in row["timings"].items()}
 
 
 def expert_gemm_work(tokens: int, shape: ExpertShape, traffic: str = "compulsory",

@@ -10,8 +10,9 @@ time. Per step it logs the language-model loss, the load imbalance max_i load_i 
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,10 @@ from shared.moe.routers import BiasBalancedRouter, HashRouter, SwitchRouter, Top
 from shared.train import TrainConfig, lr_at
 
 ROUTERS = ("top-2 + Switch loss", "top-2, no loss", "Switch top-1", "hash", "DeepSeek-V3 bias")
+# Routers compared at matched k: the learned ones at k = 2 against the unbalanced top-2; hash
+# (always one expert per token) against Switch's learned top-1.
+TOP2 = ("top-2, no loss", "top-2 + Switch loss", "DeepSeek-V3 bias")
+TOP1 = ("Switch top-1", "hash")
 
 
 @dataclass(frozen=True)
@@ -153,3 +158,26 @@ def dropped_vs_capacity(model: Llama, tokens: torch.Tensor, run: MoERun,
             drops.append(1.0 - keep.float().mean().item())
         out[cf] = sum(drops) / len(drops)
     return out
+
+
+def train_seeds(kinds, run: MoERun, seeds, train_tokens: torch.Tensor,
+                val_tokens: torch.Tensor) -> dict[str, list[tuple[Llama, History]]]:
+    """Every router in `kinds` trained once per seed (initial weights and batch order)."""
+    return {kind: [train_moe(kind, replace(run, seed=s), train_tokens, val_tokens)
+                   for s in seeds] for kind in kinds}
+
+
+# Student's t, two-sided 95%, by degrees of freedom (a few seeds; no scipy needed)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262}
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval of the mean over seeds."""
+    v = [float(x) for x in values]
+    if not 2 <= len(v) <= 10:
+        raise ValueError(f"values must hold 2 to 10 seeds, got {len(v)}")
+    mean = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1))
+    half = _T95[len(v) - 1] * sd / math.sqrt(len(v))
+    return mean, mean - half, mean + half
