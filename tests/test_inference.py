@@ -23,7 +23,15 @@ from shared.inference.stats import (
     two_token_p_values,
     two_token_power,
 )
-from shared.inference.wrong_rules import FLAWS, exact_two_tokens, flawed_accept, rule
+from shared.inference.wrong_rules import (
+    FLAWS,
+    exact_two_tokens,
+    first_two,
+    first_two_distributions,
+    flawed_accept,
+    pair_counts,
+    rule,
+)
 from shared.models import Llama, LlamaConfig, zoo
 
 TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -106,55 +114,54 @@ def test_triton_and_reference_paths_agree_when_sampling(device):
     assert torch.equal(*ar)
 
 
-def first_two(accept, device, n=1500, gamma=1, seed=21):
-    """n samples of the first two new tokens after one fixed prompt at T = 1, and the models'
-    distributions that decide them: p1, q1 [V] after the prompt, p2, q2 [V, V] (row t1: after
-    prompt + t1). With γ = 1 the second token is the bonus token whenever the first is kept."""
+def first_two_sampled(accept, device, n=1500, seed=21):
+    """n samples of the first two new tokens after one fixed prompt at T = 1, γ = 1, counted
+    as pairs [V, V], and the models' distributions that decide them."""
     target = peaky(4, scale=10.0, device=device)  # broad: several tokens matter (max p ≈ 0.17)
     draft = peaky(5, LlamaConfig(64, 16, 1, 2, 1, 32, 48), scale=10.0, device=device)
     prompt = prompts(1, 6, V=64, device=device)
-    out = speculative_generate(target, Drafter(draft), prompt.expand(n, -1), 2, gamma=gamma,
-                               temperature=1.0, generator=seeded(seed, device), accept=accept)
-    with torch.no_grad():
-        cont = torch.cat([prompt.expand(64, -1), torch.arange(64, device=device)[:, None]], 1)
-        dist = lambda m, x: torch.softmax(m(x)[:, -1].double(), -1)
-        p1, q1 = dist(target, prompt)[0], dist(draft, prompt)[0]
-        p2, q2 = dist(target, cont), dist(draft, cont)
-    return out, (p1, q1, p2, q2)
-
-
-def pair_counts(tokens, V=64):
-    """[V, V] counts of (t1, t2)."""
-    return torch.bincount(tokens[:, 0] * V + tokens[:, 1], minlength=V * V).reshape(V, V)
+    tokens = first_two(target, Drafter(draft), prompt, n, accept=accept, seed=seed)
+    assert tokens.shape == (n, 2)
+    return pair_counts(tokens, 64), first_two_distributions(target, Drafter(draft), prompt)
 
 
 def test_sampled_tokens_follow_target_and_every_wrong_rule_fails(device):
     n = 1500
-    out, (p1, q1, p2, q2) = first_two(None, device, n=n)
-    exact = exact_two_tokens(p1, q1, p2, q2)
-    assert torch.allclose(exact, p1[:, None] * p2, atol=1e-12)  # the right rule: p1·p2
-    assert (two_token_p_values(pair_counts(out.tokens), exact) > 1e-3).all()
+    counts, dists = first_two_sampled(None, device, n=n)
+    exact = exact_two_tokens(**dists)
+    assert counts.sum() == n
+    assert torch.allclose(exact, dists["p1"][:, None] * dists["p2"], atol=1e-12)  # p1·p2
+    assert (two_token_p_values(counts, exact) > 1e-3).all()
     assert two_token_power(exact, exact, n, 1e-3, sims=200) < 0.02  # its size: rarely wrong
-    measured, predicted = out.acceptance()
-    tried = (torch.arange(1, device=device) <= torch.stack(out.accepted)[..., None]).sum().item()
-    sigma = (predicted * (1 - predicted) / tried) ** 0.5
-    assert abs(measured - predicted) < 4 * sigma + 1e-3, (measured, predicted, sigma)
     for flaw in FLAWS:
-        wrong = exact_two_tokens(p1, q1, p2, q2, flaw)
+        wrong = exact_two_tokens(**dists, flaw=flaw)
         # the setting has the power to see this bug (so the rejection below is not luck) ...
         assert two_token_power(exact, wrong, n, 1e-3, sims=200) > 0.99, flaw
-        bad, _ = first_two(rule(flaw), device, n=n)
+        bad, _ = first_two_sampled(rule(flaw), device, n=n)
         # ... and the test of the loop's real output rejects it
-        assert two_token_p_values(pair_counts(bad.tokens), exact)[3] < 1e-3, flaw
+        assert two_token_p_values(bad, exact)[3] < 1e-3, flaw
         # while the output follows the distribution derived for the flawed rule
-        assert two_token_p_values(pair_counts(bad.tokens), wrong)[3] > 1e-4, flaw
+        assert two_token_p_values(bad, wrong)[3] > 1e-4, flaw
+
+
+def test_sampled_acceptance_matches_the_papers_alpha(device):
+    target = peaky(4, scale=10.0, device=device)
+    draft = peaky(5, LlamaConfig(64, 16, 1, 2, 1, 32, 48), scale=10.0, device=device)
+    out = speculative_generate(target, Drafter(draft), prompts(1, 6, V=64, device=device)
+                               .expand(600, -1), 4, gamma=2, temperature=1.0,
+                               generator=seeded(3, device))
+    measured, predicted = out.acceptance()
+    n, act = torch.stack(out.accepted), torch.stack(out.active)
+    tried = ((torch.arange(2, device=device) <= n[..., None]) & act[..., None]).sum().item()
+    sigma = (predicted * (1 - predicted) / tried) ** 0.5
+    assert abs(measured - predicted) < 4 * sigma + 1e-3, (measured, predicted, sigma)
 
 
 def test_the_bonus_bug_is_invisible_to_the_first_token(device):
-    """Why the panel needs the joint test: the bonus bug leaves t1 alone and moves t2."""
-    _, (p1, q1, p2, q2) = first_two(None, device, n=2)
-    exact = exact_two_tokens(p1, q1, p2, q2)
-    wrong = exact_two_tokens(p1, q1, p2, q2, "bonus from p_γ")
+    """Why the test needs t2 and the pairs: the bonus bug leaves t1 alone and moves t2."""
+    _, dists = first_two_sampled(None, device, n=2)
+    exact = exact_two_tokens(**dists)
+    wrong = exact_two_tokens(**dists, flaw="bonus from p_γ")
     assert torch.allclose(wrong.sum(1), exact.sum(1), atol=1e-12)
     assert (wrong.sum(0) - exact.sum(0)).abs().sum() > 0.05
     assert chi_square_power(exact.sum(1), wrong.sum(1), 1500, 1e-3, sims=200) < 0.01

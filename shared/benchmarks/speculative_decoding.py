@@ -8,8 +8,8 @@ Greedy, the paper's setting, on the zoo's models and prompts cut from held-out s
 2. the measurement pass (`measure`): fresh runs of the chosen γ against the baseline,
    interleaved round by round; each speed-up is a bootstrap interval (bench.ratio). Choosing
    on one pass and judging on another keeps the choice's luck out of the verdict.
-Also: the sampled acceptance rate against E[Σ min(p, q)], the exact distributions the χ² tests
-compare with, and transformers' generate() on the same weights. The GPU side (the sampling
+Also: the sampled acceptance rate against E[Σ min(p, q)], and transformers' generate() on the
+same weights. The GPU side (the sampling
 kernels' traffic, compiled occupancy, roofline) is in speculative_gpu.py.
 """
 
@@ -97,16 +97,17 @@ def sweep(s: Setup, gammas=None) -> list[dict]:
     """The choosing pass: per drafter and γ one profiled greedy run over the prompts, beside
     one profiled autoregressive run. c is measured in situ: a drafter step inside the
     speculative loop (its forward and token choice) over a step of the autoregressive loop
-    (the target's one-token forward and token choice). The round's other costs are measured
-    too, in the same unit: the verify forward (c_verify) and everything else a round does
-    (the rule, the cache roll-back, the loop's host check: `other`). The speed-ups here are
-    single runs: they choose γ and draw the plot, and are never the verdict."""
+    (the target's one-token forward and token choice), medians over the runs' steps. The
+    round's other costs are measured too, in the same unit: the verify forward (c_verify) and
+    the rule and cache roll-back (`other`). `speedup` is the run's whole-call time ratio (one
+    run: the plot); `speedup_phases` is tokens per call over the round's cost in steps, from
+    the medians (what `choose` reads). Neither is ever the verdict."""
     gammas = gammas or pick(ci=(1, 2, 3, 4, 6, 8), full=GAMMAS)
     with torch.no_grad():
         run_ar(s)  # warm-up: first calls allocate
         ar = Phases()
         reference, t_ar = _timed(lambda: run_ar(s, ar))
-        t_tok = ar.per_call("forward") + ar.per_call("choose")
+        t_tok = ar.median("forward") + ar.median("choose")
         rows = []
         for name, drafter in s.drafters.items():
             run_spec(s, drafter, gammas[0])
@@ -114,13 +115,12 @@ def sweep(s: Setup, gammas=None) -> list[dict]:
                 ph = Phases()
                 runs, t = _timed(lambda d=drafter, g=g, ph=ph: run_spec(s, d, g, profile=ph))
                 acc = merged_acceptance(runs)
-                rounds = ph.calls["verify"]
-                c = ph.per_call("draft") / t_tok
+                c, c_verify = ph.median("draft") / t_tok, ph.median("verify") / t_tok
+                other = (ph.median("rule") + ph.median("bookkeeping")) / t_tok
                 rows.append({
                     "drafter": name, "gamma": g, "alpha": acc["alpha"], "c": c,
-                    "c_verify": ph.per_call("verify") / t_tok,
-                    "other": (t - ph.seconds["prefill"] - ph.seconds["draft"]
-                              - ph.seconds["verify"]) / rounds / t_tok,
+                    "c_verify": c_verify, "other": other,
+                    "speedup_phases": acc["tokens_per_call"] / (g * c + c_verify + other),
                     "tokens_per_call": acc["tokens_per_call"],
                     "tokens_per_call_model": expected_tokens(acc["alpha"], g),
                     "speedup": t_ar / t, "speedup_model": model_speedup(acc["alpha"], g, c),
@@ -131,8 +131,10 @@ def sweep(s: Setup, gammas=None) -> list[dict]:
 
 
 def choose(rows: list[dict]) -> dict[str, dict]:
-    """Each drafter's row with the highest speed-up of the choosing pass."""
-    return {name: max((r for r in rows if r["drafter"] == name), key=lambda r: r["speedup"])
+    """Each drafter's row whose round, as measured in phases, pays best: tokens per call over
+    the round's cost in autoregressive steps (γ·c + c_verify + other). Those are medians over
+    the run's rounds, so they pick γ more steadily than the run's one whole-call time."""
+    return {name: max((r for r in rows if r["drafter"] == name), key=lambda r: r["speedup_phases"])
             for name in dict.fromkeys(r["drafter"] for r in rows)}
 
 
@@ -142,20 +144,40 @@ def measure(s: Setup, gammas: dict[str, int], *, batch: int = 1,
     interleaved round by round over `repeat` fresh rounds; per drafter the speed-up as a
     bench.Ratio (median of AR time / speculative time, bootstrap 95% interval over the
     rounds), α and whether the output equals the baseline's. `batch` > 1 decodes the prompts
-    (cycled) as one batch, each sequence accepting its own number of drafts per round."""
+    (cycled) as one batch, each sequence accepting its own number of drafts per round.
+
+    On a CPU each call also times its prefill (Phases: a clock read, no sync), so `decode` is
+    the same ratio over the decoding alone, prompt processing taken out of both sides: what
+    Theorem 3.8 models. On a GPU that would add a sync per phase; `decode` is None there."""
     repeat = repeat or pick(ci=6, full=10)
+    warmup = 1
     prompts = s.prompts if batch == 1 else [
         torch.cat([s.prompts[i % len(s.prompts)] for i in range(batch)])]
-    fns = {"ar": lambda: run_ar(s, prompts=prompts)}
-    fns.update({name: (lambda d=s.drafters[name], g=g: run_spec(s, d, g, prompts=prompts))
+    profile = not gpu_available()
+    prefill: dict[str, list[float]] = {}
+
+    def timed(key, run):
+        def call():
+            ph = Phases() if profile else None
+            out = run(ph)
+            prefill.setdefault(key, []).append(ph.seconds["prefill"] if ph else 0.0)
+            return out
+        return call
+
+    fns = {"ar": timed("ar", lambda ph: run_ar(s, ph, prompts=prompts))}
+    fns.update({name: timed(name, lambda ph, d=s.drafters[name], g=g:
+                            run_spec(s, d, g, profile=ph, prompts=prompts))
                 for name, g in gammas.items()})
     out = {}
     with torch.no_grad():
-        times = bench.compare(fns, warmup=1, repeat=repeat)
+        times = bench.compare(fns, warmup=warmup, repeat=repeat)
+        decode = {k: [t - p for t, p in zip(times[k].samples, prefill[k][warmup:], strict=True)]
+                  for k in fns}
         reference = run_ar(s, prompts=prompts)
         for name, g in gammas.items():
             runs = run_spec(s, s.drafters[name], g, prompts=prompts)
             out[name] = {"gamma": g, "speedup": bench.ratio(times["ar"], times[name]),
+                         "decode": bench.ratio(decode["ar"], decode[name]) if profile else None,
                          **merged_acceptance(runs),
                          "identical": all(torch.equal(r.tokens, ref)
                                           for r, ref in zip(runs, reference, strict=True))}
@@ -167,28 +189,6 @@ def sampled_acceptance(s: Setup, gamma: int, temperature: float = 1.0) -> dict[s
     with torch.no_grad():
         return {name: merged_acceptance(run_spec(s, d, gamma, temperature, seed=1))
                 for name, d in s.drafters.items()}
-
-
-def exact_first_two(s: Setup, drafter: Drafter, prefix: torch.Tensor) -> dict:
-    """The distributions that decide the first two tokens after `prefix` [1, P] at T = 1:
-    p1, q1 [V] (target, drafter) and p2, q2 [V, V] (row t: after prefix + t), float64."""
-    V = s.target.config.vocab_size
-    cont = torch.cat([prefix.expand(V, -1), torch.arange(V, device=prefix.device)[:, None]], 1)
-    dist = lambda logits: torch.softmax(logits.double(), -1)
-    with torch.no_grad():
-        t1, t2 = s.target(prefix)[0, -1], s.target(cont)[:, -1]
-        m, k = drafter.model, drafter.n_layers
-        d1, d2 = m(prefix, n_layers=k)[0, -1], m(cont, n_layers=k)[:, -1]
-    return {"p1": dist(t1), "p2": dist(t2), "q1": dist(d1), "q2": dist(d2)}
-
-
-def sample_first_two(s: Setup, drafter: Drafter, prefix: torch.Tensor, n: int, *, accept=None,
-                     seed: int = 7) -> torch.Tensor:
-    """n independent continuations of `prefix`, two tokens each, γ = 1, T = 1: [n, 2]. With
-    γ = 1 the second token is the bonus token whenever the first draft is kept."""
-    gen = torch.Generator(device=prefix.device).manual_seed(seed)
-    return speculative_generate(s.target, drafter, prefix.expand(n, -1), 2, gamma=1,
-                                temperature=1.0, generator=gen, accept=accept).tokens
 
 
 def transformers_side_by_side(s: Setup, gammas: dict[str, int], repeat: int | None = None,

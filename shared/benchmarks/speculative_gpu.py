@@ -72,7 +72,7 @@ def _param_names(kernel) -> list[str]:
 def compiled_table(rows: list[dict]) -> list[dict]:
     """`compiled("sampling")` rows as flat records: kernel, case, target, dtype, registers,
     spills, shared memory and its limit, occupancy, warps, the instruction census and the
-    launcher's block sizes by name (the compile report keys constexprs by position)."""
+    launcher's block sizes by name."""
     from kernels.sampling import triton as sampling_triton
 
     names = {k: _param_names(getattr(sampling_triton, k))
@@ -82,7 +82,9 @@ def compiled_table(rows: list[dict]) -> list[dict]:
         if r.get("status") != "ok" or r.get("kernel") not in names:
             raise ValueError(f"row for {r.get('case')} on {r.get('target')} is not a compiled "
                              f"sampling kernel: {r.get('status')}")
-        blocks = {names[r["kernel"]][int(i)]: v for i, v in r["constexprs"].items()}
+        # constexprs by name, or by position in older reports
+        blocks = {names[r["kernel"]][int(k)] if str(k).isdigit() else k: v
+                  for k, v in r["constexprs"].items()}
         out.append({"kernel": r["kernel"], "case": r["case"], "target": r["target"],
                     "dtype": r["dtype"], "registers": r["registers"],
                     "spill_bytes": r["spill_bytes"], "shared_bytes": r["shared_bytes"],

@@ -12,6 +12,7 @@ the checks that would read values back run only under KC_DEBUG=1 (`debug_checks`
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -69,6 +70,7 @@ class Phases:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.samples: dict[str, list[float]] = defaultdict(list)  # seconds per call, per block
         self._sync = False
 
     def bind(self, device: torch.device) -> Phases:
@@ -83,13 +85,23 @@ class Phases:
         yield
         if self._sync:
             torch.cuda.synchronize()
-        self.seconds[name] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.seconds[name] += dt
         self.calls[name] += calls
+        self.samples[name].append(dt / calls)
 
     def per_call(self, name: str) -> float:
+        """Mean seconds per call."""
         if not self.calls[name]:
             raise ValueError(f"phase {name!r} never ran")
         return self.seconds[name] / self.calls[name]
+
+    def median(self, name: str) -> float:
+        """Median seconds per call over the timed blocks: on a shared CPU other jobs only
+        add time, in bursts, and the median is not moved by a few slow blocks."""
+        if not self.samples[name]:
+            raise ValueError(f"phase {name!r} never ran")
+        return statistics.median(self.samples[name])
 
 
 def phase_timer(profile: Phases | None, device):

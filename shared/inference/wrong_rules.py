@@ -3,8 +3,9 @@
 Each is a plausible bug in Leviathan et al.'s Algorithm 1 (Chen et al.'s Algorithm 2), with
 the signature of `speculative_accept` and the same random draws as its reference, so any
 difference in output is the bug's. `exact_two_tokens` gives, for γ = 1, the exact joint
-distribution of the first two tokens a rule emits, so the χ² test's power against each bug
-can be computed rather than hoped for.
+distribution of the first two tokens a rule emits (from the models' distributions,
+`first_two_distributions`), so the χ² test of `first_two` samples has a power against each bug
+that can be computed rather than hoped for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from kernels.sampling.checks import uniforms
 from kernels.sampling.reference import gumbel
+from shared.inference.speculative import Drafter, speculative_generate
 
 FLAWS = {
     "resample from p": "at a rejection, draw from p instead of norm(max(0, p − q))",
@@ -99,3 +101,31 @@ def exact_two_tokens(p1: torch.Tensor, q1: torch.Tensor, p2: torch.Tensor, q2: t
     bonus = p1.expand_as(p2) if flaw == "bonus from p_γ" else p2
     rejected = (1 - kept.sum()) * _residual(p1, q1, flaw)
     return kept[:, None] * bonus + rejected[:, None] * _one_step(p2, q2, flaw)
+
+
+def first_two_distributions(target, drafter: Drafter, prefix: torch.Tensor) -> dict:
+    """What decides the first two tokens after `prefix` [1, P] at T = 1, float64: p1, q1 [V]
+    (target, drafter) and p2, q2 [V, V] (row t: after prefix + t): exact_two_tokens' input."""
+    V = target.config.vocab_size
+    cont = torch.cat([prefix.expand(V, -1), torch.arange(V, device=prefix.device)[:, None]], 1)
+    m, k = drafter.model, drafter.n_layers
+    with torch.no_grad():
+        dist = lambda logits: torch.softmax(logits[:, -1].double(), -1)
+        return {"p1": dist(target(prefix))[0], "p2": dist(target(cont)),
+                "q1": dist(m(prefix, n_layers=k))[0], "q2": dist(m(cont, n_layers=k))}
+
+
+def first_two(target, drafter: Drafter, prefix: torch.Tensor, n: int, *, accept=None,
+              seed: int = 7) -> torch.Tensor:
+    """n independent continuations of `prefix`, two tokens each, γ = 1, T = 1, through the
+    real decoding loop: int64 [n, 2]. The second token is the bonus token whenever the first
+    draft is kept, so a bonus bug shows in it."""
+    gen = torch.Generator(device=prefix.device).manual_seed(seed)
+    return speculative_generate(target, drafter, prefix.expand(n, -1), 2, gamma=1,
+                                temperature=1.0, generator=gen, accept=accept).tokens
+
+
+def pair_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """tokens int64 [n, 2] -> counts of each (t1, t2) pair, [V, V]."""
+    return torch.bincount(tokens[:, 0] * vocab + tokens[:, 1],
+                          minlength=vocab * vocab).reshape(vocab, vocab)
