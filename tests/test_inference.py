@@ -297,3 +297,32 @@ def test_bad_flaw_and_fingerprint_mismatch_are_named(monkeypatch):
         zoo.held_out_tokens("target")
     with pytest.raises(ValueError, match="names"):
         zoo.held_out_tokens()
+
+
+def test_gpu_prediction_helpers_read_the_compile_report():
+    """compiled_table names the launcher's blocks (either keying of the report); the accept
+    kernel's Little's-law time is latency bound at small batch and capped by occupancy only
+    past the resident batch."""
+    from shared import roofline
+    from shared.benchmarks import speculative_gpu as sg
+
+    census = {k: 0 for k in ("mma.sync", "wgmma", "ldmatrix", "cp.async", "cp.async.bulk",
+                             "ex2.approx")}
+    row = {"status": "ok", "kernel": "speculative_accept_kernel", "case": "accept V=32000",
+           "target": "sm_90", "dtype": "fp32", "registers": 160, "spill_bytes": 0,
+           "shared_bytes": 16, "shared_limit": 232448, "occupancy": 0.1875, "num_warps": 4,
+           "num_stages": 3, "census": census}
+    by_name = sg.compiled_table([row | {"constexprs": {"BLOCK_G": 4, "BLOCK_V": 4096}}])[0]
+    by_index = sg.compiled_table([row | {"constexprs": {"9": 4, "10": 4096}}])[0]
+    assert by_name == by_index and by_name["BLOCK_V"] == 4096 and by_name["BLOCK_G"] == 4
+    with pytest.raises(ValueError, match="not a compiled sampling kernel"):
+        sg.compiled_table([row | {"status": "FAIL: spills", "constexprs": {}}])
+    h100 = roofline.hardware("H100 SXM")
+    small = sg.accept_prediction(by_name, 1, gamma=4, vocab=32000)
+    in_flight = 12 * 4096 / 4  # p, q (fp32) and uniforms tiles over 4 warps
+    assert small["bandwidth"] == pytest.approx(4 * in_flight / h100.mem_latency_s)
+    assert small["time_us"] > 10 * small["datasheet_us"] and not small["occupancy_limited"]
+    cap = small["max_resident_batch"]
+    assert cap == int(0.1875 * h100.max_warps_per_sm * h100.sms // 4)
+    assert sg.accept_prediction(by_name, cap + 1, 4, 32000)["occupancy_limited"]
+    assert sg.accept_bytes(2, 4, 32000, rejected=1) == 2 * (80 + 8 * 32000 + 16) + 4 * 32000
