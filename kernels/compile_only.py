@@ -53,7 +53,8 @@ TARGETS = {
 
 # Instructions worth counting in the PTX: tensor-core MMAs (Ampere mma.sync, Hopper wgmma),
 # shared->register matrix loads, asynchronous global->shared copies (cp.async: Ampere's
-# software pipelining; cp.async.bulk: Hopper's TMA) and the fast exp2 the softmax kernels use.
+# software pipelining; cp.async.bulk: Hopper's TMA), the fast exp2/log2 the softmax and sampling
+# kernels use, and 16-byte vector loads (how wide the global loads came out).
 CENSUS = {
     "mma.sync": r"^\s*mma\.sync\b",
     "wgmma": r"^\s*wgmma\.mma_async\b",
@@ -61,6 +62,8 @@ CENSUS = {
     "cp.async": r"^\s*cp\.async\.(ca|cg)\b",
     "cp.async.bulk": r"^\s*cp\.async\.bulk\b",
     "ex2.approx": r"^\s*ex2\.approx\b",
+    "lg2.approx": r"^\s*lg2\.approx\b",             # the sampling kernels' logs
+    "ld.global.v4": r"^\s*(@%p\d+\s+)?ld\.global(\.\w+)*\.v4\b",  # 16-byte vector loads
 }
 
 

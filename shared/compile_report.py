@@ -305,7 +305,8 @@ def in_compile_mode(argv: list[str]) -> int | None:
     return subprocess.call([sys.executable, "-m", "shared.cli", *argv], env=env)
 
 
-_CENSUS_COLS = ("mma.sync", "wgmma", "ldmatrix", "cp.async", "cp.async.bulk", "ex2.approx")
+_CENSUS_COLS = ("mma.sync", "wgmma", "ldmatrix", "cp.async", "cp.async.bulk", "ex2.approx",
+                "lg2.approx", "ld.global.v4")
 
 
 def table(rows: list[dict]) -> str:

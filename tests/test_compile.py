@@ -152,3 +152,20 @@ def test_a_lab_gets_its_families_compiled_from_interpret_mode():
     rows = compiled("sampling", "sm_90")
     assert {r["kernel"] for r in rows} == {"gumbel_sample_kernel", "speculative_accept_kernel"}
     assert all(r["status"] == "ok" and r["target"] == "sm_90" for r in rows)
+
+
+def test_census_counts_instructions_not_mentions():
+    from kernels.compile_only import census
+
+    ptx = """
+    // cp.async in a comment is not an instruction
+    cp.async.cg.shared.global [%r1], [%rd1], 16;
+    cp.async.bulk.tensor.2d.shared::cluster.global [%r2], [%rd2];
+    @%p1 ld.global.v4.b32 {%r3, %r4, %r5, %r6}, [%rd3];
+    ld.global.b16 %rs1, [%rd4];
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%f1}, %rd5, %rd6;
+    ex2.approx.ftz.f32 %f2, %f3;
+    """
+    c = census(ptx)
+    assert c["cp.async"] == 1 and c["cp.async.bulk"] == 1 and c["ld.global.v4"] == 1
+    assert c["wgmma"] == 1 and c["mma.sync"] == 0 and c["ex2.approx"] == 1
