@@ -12,7 +12,7 @@ whole long context alone (Flash-Decoding's motivation). Split-K cuts each sequen
 
 GQA packing: the `group` query heads that share a KV head are the M rows of one `tl.dot`
 (padded to 16, tl.dot's minimum), so each K/V tile is loaded once per group, not once per query
-head: K/V traffic per query head drops by the group size (8 for Llama-3-8B).
+head: K/V traffic per query head drops by the group size (4 for Llama-3-8B: 32 / 8).
 
 Paging: a tile of BLOCK_N tokens may span several cache blocks; each token's address is
 block_tables[b, t // block_size] · block_size + t % block_size, so any block_size works. Tokens
