@@ -17,153 +17,35 @@ from __future__ import annotations
 
 import json
 import math
-import operator
 import os
 import re
 import secrets
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar
 
 from shared.bench import Ratio
+from shared.criteria import (  # noqa: F401  (re-exported: labs write claims.AtLeast(...))
+    Above,
+    AtLeast,
+    AtMost,
+    Below,
+    Between,
+    Criterion,
+    Equals,
+    IntervalAbove,
+    IntervalBelow,
+    Within,
+    format_number,
+)
 from shared.device import hardware_name, scale
 from shared.paths import build_dir
 
 SCHEMA = 2
 RUNNING = ".running"   # build/claims/<lab>.running.json: a run in progress (or one that died)
-
-
-def _num(x: float) -> str:
-    return f"{x:.4g}"
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """A bar for a verdict claim: `holds(value)` decides, `text` states it in the table. A
-    `label` says what the bar is when the number alone does not (e.g. "half of standard's")."""
-    label: str = field(default="", kw_only=True)
-
-    def holds(self, value: float | Ratio) -> bool:
-        if isinstance(value, Ratio):
-            raise TypeError(f"{type(self).__name__} judges a number; a timing Ratio is judged "
-                            "on its interval: use IntervalAbove or IntervalBelow")
-        return bool(self._holds(float(value)))
-
-    @property
-    def text(self) -> str:
-        return f"{self._text()} ({self.label})" if self.label else self._text()
-
-
-@dataclass(frozen=True)
-class _Bar(Criterion):
-    bar: float
-    op: ClassVar[str]
-
-    def _holds(self, v: float) -> bool:
-        return _OPS[self.op](v, self.bar)
-
-    def _text(self) -> str:
-        return f"{self.op} {_num(self.bar)}"
-
-
-_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
-
-
-class Above(_Bar):
-    op = ">"
-
-
-class AtLeast(_Bar):
-    op = ">="
-
-
-class Below(_Bar):
-    op = "<"
-
-
-class AtMost(_Bar):
-    op = "<="
-
-
-@dataclass(frozen=True)
-class Equals(Criterion):
-    """Exactly: for counted quantities (bytes, launches, microbatches), not for timings."""
-    target: float
-
-    def _holds(self, v: float) -> bool:
-        return v == self.target
-
-    def _text(self) -> str:
-        return f"= {_num(self.target)} exactly"
-
-
-@dataclass(frozen=True)
-class Between(Criterion):
-    low: float
-    high: float
-
-    def __post_init__(self):
-        if not self.low <= self.high:
-            raise ValueError(f"Between needs low <= high, got {self.low}, {self.high}")
-
-    def _holds(self, v: float) -> bool:
-        return self.low <= v <= self.high
-
-    def _text(self) -> str:
-        return f"in [{_num(self.low)}, {_num(self.high)}]"
-
-
-@dataclass(frozen=True)
-class Within(Criterion):
-    """|value - target| <= rel·|target| or <= abs: `Within(1.3, rel=0.1)`, `Within(0, abs=1e-5)`."""
-    target: float
-    rel: float | None = None
-    abs: float | None = None
-
-    def __post_init__(self):
-        if (self.rel is None) == (self.abs is None):
-            raise ValueError("Within needs exactly one of rel= or abs=")
-        if (self.rel if self.rel is not None else self.abs) < 0:
-            raise ValueError(f"Within's tolerance must be >= 0, got rel={self.rel} abs={self.abs}")
-
-    def _holds(self, v: float) -> bool:
-        tol = self.rel * abs(self.target) if self.rel is not None else self.abs
-        return abs(v - self.target) <= tol
-
-    def _text(self) -> str:
-        if self.rel is not None:
-            return f"within {self.rel * 100:.3g}% of {_num(self.target)}"
-        return f"within ±{_num(self.abs)} of {_num(self.target)}"
-
-
-@dataclass(frozen=True)
-class _IntervalBar(Criterion):
-    bar: float = 1.0
-    side: ClassVar[str]
-
-    def holds(self, value: Ratio) -> bool:
-        if not isinstance(value, Ratio):
-            raise TypeError(f"{type(self).__name__} reads an interval: measured must be a "
-                            f"bench.Ratio (bench.ratio of two timings), got {type(value).__name__}")
-        return value.low > self.bar if self.side == "above" else value.high < self.bar
-
-    def _text(self) -> str:
-        op = ">" if self.side == "above" else "<"
-        return f"{op} {_num(self.bar)} with 95% confidence (interval {self.side} {_num(self.bar)})"
-
-
-class IntervalAbove(_IntervalBar):
-    """A timing ratio > bar with 95% confidence: the interval's lower bound is above bar."""
-    side = "above"
-
-
-class IntervalBelow(_IntervalBar):
-    """A timing ratio < bar with 95% confidence: the interval's upper bound is below bar."""
-    side = "below"
 
 
 @dataclass(frozen=True)
@@ -352,7 +234,7 @@ def tally(claims: Iterable[Claim]) -> tuple[int, int]:
 
 
 def _fmt(x: float | None) -> str:
-    return "—" if x is None else _num(x)
+    return "—" if x is None else format_number(x)
 
 
 COLUMNS = ["claim", "measured", "95% interval", "unit", "paper", "predicted", "criterion",
@@ -371,7 +253,8 @@ def table(claims: Iterable[Claim]) -> str:
                 f"(run {rows[0].run})", "",
                 "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for c in rows:
-            interval = "—" if c.low is None else f"[{_num(c.low)}, {_num(c.high)}]"
+            interval = ("—" if c.low is None
+                        else f"[{format_number(c.low)}, {format_number(c.high)}]")
             verdict = "info" if c.kind == "info" else ("yes" if c.holds else "NO")
             cells = [c.name, _fmt(c.measured), interval, c.unit, _fmt(c.paper),
                      _fmt(c.predicted), c.criterion or "—", verdict, c.method, c.note or "—",
