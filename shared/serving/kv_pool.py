@@ -1,0 +1,146 @@
+"""The serving engine's KV memory: vLLM's block manager plus the blocks' keys and values, and one
+model forward over a ragged batch (decodes of one token beside prefill chunks of many).
+
+`BlockPool` is shared/inference/block_manager.BlockManager (the same free list and reference
+counts) with the three things a prefix cache needs that it lacks:
+- `adopt(seq, blocks, tokens)`: start a sequence on blocks that already hold those tokens'
+  K, V (a radix-tree hit; the base only shares blocks through its own hash chain);
+- `retain(block)` / `release(block)`: a holder that is not a sequence (the radix tree keeps
+  a finished request's full blocks; the base frees a block when its last sequence goes).
+
+`forward` runs the tiny Llama once for the whole batch, Orca's "selective batching" (§4.2)
+done the simple way: rows are padded to the longest chunk, padded tokens write nothing and
+their outputs are dropped. Each row's keys are gathered through its block table
+(`RaggedPagedBatch.update`, the contract of shared/models/llama.py's caches), so a row sees its
+own cached prefix and nothing of the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared.inference.block_manager import BlockManager, _Seq
+from shared.models.llama import Llama
+
+
+def chain_hashes(tokens, block_size: int) -> list[int]:
+    """The base manager's chain hash of each full block, h_i = hash(h_{i−1}, block i), so an
+    adopted sequence keeps registering its later blocks exactly as `allocate` would have."""
+    hashes, h = [], None
+    for i in range(len(tokens) // block_size):
+        h = hash((h, tuple(tokens[i * block_size:(i + 1) * block_size])))
+        hashes.append(h)
+    return hashes
+
+
+class BlockPool(BlockManager):
+    def __init__(self, num_blocks: int, block_size: int):
+        super().__init__(num_blocks, block_size)
+        self.held = [0] * num_blocks          # references held by the prefix cache
+
+    def adopt(self, seq, blocks, tokens) -> None:
+        tokens = [int(t) for t in tokens]
+        if seq in self.seqs:
+            raise ValueError(f"sequence {seq!r} is already allocated")
+        if len(blocks) != self.blocks_for(len(tokens)) or len(tokens) % self.block_size:
+            raise ValueError(f"{len(blocks)} blocks cannot hold exactly {len(tokens)} tokens")
+        if any(self.ref_counts[b] == 0 for b in blocks):
+            raise ValueError("adopt takes live blocks only (a free block holds no K, V)")
+        for b in blocks:
+            self.ref_counts[b] += 1
+        self.seqs[seq] = _Seq(list(blocks), tokens, chain_hashes(tokens, self.block_size))
+
+    def retain(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            raise ValueError(f"block {block} is free: there is nothing in it to keep")
+        self.ref_counts[block] += 1
+        self.held[block] += 1
+
+    def release(self, block: int) -> None:
+        if self.held[block] == 0:
+            raise ValueError(f"block {block} is not held by the cache")
+        self.held[block] -= 1
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:       # what BlockManager.free does for a block
+            h = self._hash_of.pop(block, None)
+            if h is not None and self.prefix.get(h) == block:
+                del self.prefix[h]
+            self.free_list.append(block)
+
+    def room(self, seq) -> int:
+        """Tokens `seq` can still append: the rest of its last block plus every free block."""
+        s = self.seqs[seq]
+        return len(s.table) * self.block_size - len(s.tokens) + self.num_free * self.block_size
+
+    def check(self) -> None:
+        """The base's invariants with the cache's references counted as holders."""
+        counts = list(self.held)
+        for s in self.seqs.values():
+            assert len(s.table) == self.blocks_for(len(s.tokens)), "table length ≠ tokens"
+            for b in s.table:
+                counts[b] += 1
+        assert counts == self.ref_counts, "reference counts ≠ table + cache references"
+        assert sorted(self.free_list) == [b for b in range(self.num_blocks) if counts[b] == 0]
+
+
+class RaggedPagedBatch:
+    """The `cache` argument of Block.forward for one step: slots [B, T] (−1 = padding) where
+    each token's K, V go, tables [B, W] each row's blocks (padded with block 0, masked)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                 tables: torch.Tensor, block_size: int):
+        self.k, self.v, self.slots, self.tables = k, v, slots, tables
+        offsets = torch.arange(block_size, device=k.device)
+        self.gather = (tables[:, :, None] * block_size + offsets).flatten(1)   # [B, W·bs]
+        self.valid = slots >= 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store k, v [B, Hkv, T, hd] at the valid slots; return keys, values [B, Hkv, S, hd]
+        at positions 0..S−1 of each row (Attention masks key j > the query's position)."""
+        keep = self.slots[self.valid]
+        self.k[layer_idx][keep] = k.transpose(1, 2)[self.valid].to(self.k.dtype)
+        self.v[layer_idx][keep] = v.transpose(1, 2)[self.valid].to(self.v.dtype)
+        return (self.k[layer_idx][self.gather].transpose(1, 2),
+                self.v[layer_idx][self.gather].transpose(1, 2))
+
+
+class KVPool:
+    """Keys and values of every block, [n_layers, num_blocks · block_size, Hkv, hd] each,
+    laid out as PagedKVCache's, with the BlockPool that hands them out."""
+
+    def __init__(self, model: Llama, manager: BlockPool):
+        cfg, w = model.config, model.lm_head.weight
+        self.manager, self.block_size = manager, manager.block_size
+        shape = (cfg.n_layers, manager.num_blocks * self.block_size, cfg.n_kv_heads,
+                 cfg.head_dim)
+        # zeros: gathered slots beyond a row's length are masked, but must not be NaN
+        self.k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.v = torch.zeros(shape, dtype=w.dtype, device=w.device)
+
+    @torch.no_grad()
+    def forward(self, model: Llama, rows: list[tuple[object, list[int], int]]) -> torch.Tensor:
+        """rows: (seq, token ids, position of the first) whose slots the manager already holds.
+        -> logits [len(rows), V] at each row's last token."""
+        device, m = self.k.device, self.manager
+        T = max(len(toks) for _, toks, _ in rows)
+        tokens = torch.zeros(len(rows), T, dtype=torch.long)
+        positions = torch.zeros(len(rows), T, dtype=torch.long)
+        slots = torch.full((len(rows), T), -1, dtype=torch.long)
+        for r, (seq, toks, start) in enumerate(rows):
+            n = len(toks)
+            tokens[r, :n] = torch.tensor(toks)
+            # padding repeats the last position: a valid RoPE index, and its output is dropped
+            positions[r] = torch.arange(start, start + T).clamp(max=start + n - 1)
+            slots[r, :n] = torch.tensor([m.slot(seq, p) for p in range(start, start + n)])
+        tables = [m.block_table(seq) for seq, _, _ in rows]
+        width = max(len(t) for t in tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        batch = RaggedPagedBatch(self.k, self.v, slots.to(device), tables.to(device),
+                                 self.block_size)
+        positions = positions.to(device)
+        h = model.embed(tokens.to(device))
+        for block in model.layers:
+            h = block(h, cache=batch, positions=positions)
+        last = torch.tensor([len(toks) - 1 for _, toks, _ in rows], device=device)
+        h = h[torch.arange(len(rows), device=device), last]          # [B, D]: last token only
+        return model.lm_head(model.norm(h))
