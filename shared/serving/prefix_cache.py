@@ -157,9 +157,12 @@ class RadixCache:
     def num_blocks(self) -> int:
         return sum(len(n.blocks) for n in self._nodes())
 
+    def unlocked_blocks(self) -> list[int]:
+        """Blocks `evict` may take now: those of nodes with no lock."""
+        return [b for n in self._nodes() if n.lock_ref == 0 for b in n.blocks]
+
     def evictable_blocks(self) -> int:
-        """Blocks `evict` could free now: those of nodes with no lock."""
-        return sum(len(n.blocks) for n in self._nodes() if n.lock_ref == 0)
+        return len(self.unlocked_blocks())
 
     def cached_blocks(self) -> list[int]:
         return [b for n in self._nodes() for b in n.blocks]

@@ -243,3 +243,7 @@ class Scheduler:
             self.cache.check()
             held = sorted(b for b in range(self.manager.num_blocks) if self.manager.held[b])
             assert held == sorted(self.cache.cached_blocks()), "cache holds ≠ tree blocks"
+            # the lock's point: evicting an unlocked node frees its blocks, so none is in use
+            m = self.manager
+            assert all(m.ref_counts[b] == m.held[b] for b in self.cache.unlocked_blocks()), \
+                "a request uses a block of an unlocked cache node"
