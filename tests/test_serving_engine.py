@@ -201,6 +201,26 @@ def test_abort_frees_the_blocks_and_spares_the_others():
     assert stay.output == solo(tuple(range(60, 67)), 6)
     assert engine.scheduler.manager.num_free == 16
     engine.check()
+    with pytest.raises(ValueError, match="request_id"):
+        engine.abort("nobody")
+
+
+def test_wall_clock_and_the_triton_sampling_kernel():
+    """clock="wall" stamps tokens in seconds; impl="triton" draws through kernels/sampling's
+    Triton kernel (the interpreter here) and, equally seeded, picks what the reference picks."""
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=40, seed=3)
+    outs = []
+    for impl in ("triton", "reference"):
+        engine = Engine(model(), SchedulerConfig(block_size=4, num_blocks=8), clock="wall",
+                        impl=impl)
+        r = engine.add_request(list(range(7)), params)
+        while engine.has_unfinished():
+            engine.step()
+        assert 0 < r.token_times[0] <= r.token_times[-1] < 60
+        outs.append(r.output)
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="clock"):
+        Engine(model(), clock="sundial")
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():

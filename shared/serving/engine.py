@@ -98,6 +98,8 @@ class Engine:
 
     def abort(self, request_id) -> None:
         """Stop a request (a client went away): its blocks go back at once."""
+        if request_id not in self.requests:
+            raise ValueError(f"request_id {request_id!r} is unknown")
         r = self.requests[request_id]
         if r in self.pending:
             self.pending.remove(r)
