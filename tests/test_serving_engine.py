@@ -8,10 +8,11 @@ and a greedy tie cannot flip a token between them.
 """
 
 import functools
+from collections import Counter
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from shared.inference.generate import generate
@@ -51,11 +52,11 @@ def traces(draw):
         shared = draw(st.sampled_from([0, 3, 8, 13, 24]))
         own = draw(st.lists(st.integers(0, 255), min_size=max(0, 2 - shared), max_size=12))
         params = SamplingParams(max_tokens=draw(st.integers(1, 10)))
-        trace.append((base[:shared] + own, params, float(draw(st.integers(0, 8)))))
+        trace.append((base[:shared] + own, params, float(draw(st.integers(0, 5)))))
     block_size = draw(st.sampled_from([2, 4, 8]))
     need = max(-(-(len(p) + sp.max_tokens) // block_size) for p, sp, _ in trace)
     budget = draw(st.integers(2, 16))
-    config = dict(block_size=block_size, num_blocks=need + draw(st.integers(0, 4)),
+    config = dict(block_size=block_size, num_blocks=need + draw(st.integers(0, 2)),
                   token_budget=budget, max_num_seqs=draw(st.integers(1, budget)),
                   prefix_caching=draw(st.booleans()))
     return trace, config
@@ -70,7 +71,12 @@ def test_every_greedy_output_equals_its_solo_run(case):
         r = engine.requests[i]
         assert r.output == solo(tuple(prompt), params.max_tokens), (i, config)
         assert [e.token for e in events if e.request_id == i] == r.output   # all streamed
-    for s in engine.history:
+    event(f"preempted: {any(s.preempted for s in engine.history)}")   # coverage, shown by
+    event(f"cache hit: {any(s.cached_tokens for s in engine.history)}")  # --hypothesis-show-
+    prefills = Counter(r.request_id for s in engine.history for r, _, k in s.items
+                       if k == "prefill")
+    event(f"prefill in chunks: {any(n > 1 for n in prefills.values())}")
+    for s in engine.history:                                             # statistics
         assert s.decode_stalls == 0                       # Sarathi: no decode left out
         assert s.decode_tokens + s.prefill_tokens <= config["token_budget"]
         assert len(s.items) <= config["max_num_seqs"]
