@@ -20,15 +20,14 @@ import triton
 import triton.language as tl
 
 from kernels.device import new_output
-from kernels.launch import flat_grid, offset, split_program_id
+from kernels.launch import flat_grid, offset
 from kernels.paged._args import rope_shape
 from kernels.paged.rope_triton import (
     BLOCK_T,
     check_rope,
     rope,
-    rope_cos_sin,
-    rope_pair_columns,
     rope_rotate,
+    rope_tile,
 )
 from kernels.validate import check_same_device, check_tensor
 
@@ -39,13 +38,8 @@ def rope_cache_write_kernel(
     tokens, heads_q, heads_kv, half, log2_theta,
     INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    t_block, h = split_program_id(tl.cdiv(tokens, BLOCK_T))   # query head h of BLOCK_T tokens
-    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    t_ok = offs_t < tokens
-    ok = t_ok[:, None] & (offs_p < half)[None, :]
-    cos, sin = rope_cos_sin(POS, offs_t, t_ok, offs_p, half, log2_theta)
-    c1, c2 = rope_pair_columns(offs_p, half, INTERLEAVED)
+    h, offs_t, t_ok, ok, cos, sin, c1, c2 = rope_tile(      # query head h of BLOCK_T tokens
+        POS, tokens, half, log2_theta, INTERLEAVED, BLOCK_T, BLOCK_P)
     q_rows = offset(offs_t * heads_q + h, 2 * half)
     rope_rotate(Q, QO, q_rows, q_rows, c1, c2, ok, cos, sin)
     if h < heads_kv:   # the first heads_kv programs of a token block also own K/V head h

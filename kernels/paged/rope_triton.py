@@ -46,6 +46,21 @@ def rope_pair_columns(offs_p, half, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
+def rope_tile(POS, tokens, half, log2_theta, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_P: tl.constexpr):
+    """What every RoPE program starts from: its head h and BLOCK_T tokens (a flat grid of token
+    blocks × heads), their mask, the cos/sin of their angles and the pair columns."""
+    t_block, h = split_program_id(tl.cdiv(tokens, BLOCK_T))
+    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    t_ok = offs_t < tokens
+    ok = t_ok[:, None] & (offs_p < half)[None, :]
+    cos, sin = rope_cos_sin(POS, offs_t, t_ok, offs_p, half, log2_theta)
+    c1, c2 = rope_pair_columns(offs_p, half, INTERLEAVED)
+    return h, offs_t, t_ok, ok, cos, sin, c1, c2
+
+
+@triton.jit
 def rope_rotate(X, OUT, x_rows, o_rows, c1, c2, ok, cos, sin):
     """Load the pairs at X + x_rows + (c1, c2), rotate, store at OUT + o_rows + (c1, c2)."""
     x1 = tl.load(X + x_rows[:, None] + c1[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -61,13 +76,8 @@ def rope_kernel(
     tokens, heads, half, log2_theta, sign,
     INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    t_block, h = split_program_id(tl.cdiv(tokens, BLOCK_T))   # one head, BLOCK_T tokens
-    offs_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
-    t_ok = offs_t < tokens
-    ok = t_ok[:, None] & (offs_p < half)[None, :]
-    cos, sin = rope_cos_sin(POS, offs_t, t_ok, offs_p, half, log2_theta)
-    c1, c2 = rope_pair_columns(offs_p, half, INTERLEAVED)
+    h, offs_t, _, ok, cos, sin, c1, c2 = rope_tile(POS, tokens, half, log2_theta, INTERLEAVED,
+                                                   BLOCK_T, BLOCK_P)   # one head, BLOCK_T tokens
     rows = offset(offs_t * heads + h, 2 * half)
     rope_rotate(X, OUT, rows, rows, c1, c2, ok, cos, sin * sign)
 
