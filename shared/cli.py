@@ -1,5 +1,5 @@
 """`kclub`: list the labs, run one headless, strip it for commit, run benchmarks, print the
-claims table."""
+claims table, serve the tiny Llama over an OpenAI-compatible API."""
 
 from __future__ import annotations
 
@@ -152,6 +152,13 @@ def cmd_compile(args) -> int:
     return compile_report.main(args.target, args.json, args.family)
 
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server on the serving engine (shared/serving/server.py)."""
+    from shared.serving.server import serve
+
+    return serve(args.host, args.port, args.model)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kclub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.add_argument("--family", help="comma-separated kernel families: softmax, attention, "
                       "sampling, moe (default: all)")
     comp.set_defaults(fn=cmd_compile)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/models, "
+                         "/v1/completions, /v1/chat/completions) on the serving engine")
+    srv.add_argument("--host", default="127.0.0.1", help="default: localhost only")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--model", choices=["target", "draft"], default="target")
+    srv.set_defaults(fn=cmd_serve)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
