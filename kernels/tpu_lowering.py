@@ -45,6 +45,15 @@ def pallas_target() -> str:
     return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
+def require_tpu(kernel: str, instead: str) -> None:
+    """Refuse a TPU-only kernel on a GPU target: it needs scalar prefetch and ordered grid axes,
+    which Pallas's Triton lowering has not. One message for every such kernel."""
+    if pallas_target() != "tpu":
+        raise RuntimeError(f"{kernel} is a TPU kernel: Pallas's Triton (GPU) lowering has no "
+                           f"scalar prefetch and runs every grid axis in parallel; on a GPU use "
+                           f"{instead}")
+
+
 def compiler_params(target: str, semantics: tuple[str, ...], *, num_warps: int = 4,
                     num_stages: int = 2):
     """The compiler params of one pallas_call for `target`.

@@ -292,6 +292,13 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return targets
 
 
+def compile_env() -> dict:
+    """The environment of a process that builds kernels for real hardware: no interpreter, FP
+    fusion pinned (Triton 3.9 warns that its default will flip), JAX on the CPU unless told."""
+    return dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+                JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+
+
 def in_compile_mode(argv: list[str]) -> int | None:
     """Re-run `kclub compile` in a process with KC_INTERPRET=0 unless this one already is.
 
@@ -300,9 +307,7 @@ def in_compile_mode(argv: list[str]) -> int | None:
 
     if not kernels.device.INTERPRET:
         return None
-    env = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    return subprocess.call([sys.executable, "-m", "shared.cli", *argv], env=env)
+    return subprocess.call([sys.executable, "-m", "shared.cli", *argv], env=compile_env())
 
 
 _CENSUS_COLS = ("mma.sync", "wgmma", "ldmatrix", "cp.async", "cp.async.bulk", "ex2.approx",
@@ -342,10 +347,8 @@ def compiled(families: str, targets: str = "sm_80,sm_90,tpu") -> list[dict]:
     families, in a fresh KC_INTERPRET=0 process; the rows, or RuntimeError with its stderr."""
     import json
 
-    env = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     run_ = subprocess.run([sys.executable, "-m", "shared.cli", "compile", "--json", "--target",
-                           targets, "--family", families], env=env, capture_output=True,
+                           targets, "--family", families], env=compile_env(), capture_output=True,
                           text=True, timeout=1800)
     try:
         return json.loads(run_.stdout)["rows"]

@@ -7,15 +7,16 @@ Compiling needs the interpreter off before `import kernels`, so it runs in fresh
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from shared.compile_report import compile_env
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", JAX_PLATFORMS="cpu")
+ENV = dict(compile_env(), JAX_PLATFORMS="cpu")
 
 
 def _python(code: str) -> dict:

@@ -313,8 +313,7 @@ def test_gpu_prediction_helpers_read_the_compile_report():
            "shared_bytes": 16, "shared_limit": 232448, "occupancy": 0.1875, "num_warps": 4,
            "num_stages": 3, "census": census}
     by_name = sg.compiled_table([row | {"constexprs": {"BLOCK_G": 4, "BLOCK_V": 4096}}])[0]
-    by_index = sg.compiled_table([row | {"constexprs": {"9": 4, "10": 4096}}])[0]
-    assert by_name == by_index and by_name["BLOCK_V"] == 4096 and by_name["BLOCK_G"] == 4
+    assert by_name["BLOCK_V"] == 4096 and by_name["BLOCK_G"] == 4
     with pytest.raises(ValueError, match="not a compiled sampling kernel"):
         sg.compiled_table([row | {"status": "FAIL: spills", "constexprs": {}}])
     h100 = roofline.hardware("H100 SXM")

@@ -129,7 +129,7 @@ def test_grouped_matmul_pallas_bf16_against_float64():
 def test_grouped_matmul_pallas_refuses_a_gpu(monkeypatch):
     monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")   # no scalar prefetch in the Triton lowering
     x = jnp.zeros((8, 16))
-    with pytest.raises(NotImplementedError, match="TPU kernel"):
+    with pytest.raises(RuntimeError, match="grouped_matmul_pallas is a TPU kernel"):
         grouped_matmul_pallas(x, jnp.zeros((2, 16, 8)), jnp.array([3, 5]))
 
 

@@ -72,7 +72,7 @@ def _row(target, cols, kernel, regs, occ, block_m, block_n, cp_async=0, dtype="f
     return {"target": target, "case": f"{name} 256×{cols}", "dtype": dtype, "kernel": kernel,
             "registers": regs, "spill_bytes": 0, "shared_bytes": 32, "shared_limit": 166912,
             "num_warps": 4, "num_stages": 3, "occupancy": occ, "status": "ok",
-            "constexprs": {"6": block_m, "7": block_n, "8": False, "9": 8},
+            "constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "ONE_TILE": False, "ALIGN": 8},
             "census": {"mma.sync": 0, "wgmma": 0, "ldmatrix": 0, "cp.async": cp_async,
                        "cp.async.bulk": 0, "ex2.approx": 130}}
 
@@ -82,7 +82,6 @@ def test_occupancy_inputs_and_table_from_compile_rows():
             _row("sm_90", 50000, "softmax_safe_kernel", 53, 0.5625, 2, 4096, cp_async=4),
             _row("sm_90", 1000, "softmax_online_kernel", 89, 0.3125, 8, 1024),
             {"target": "tpu", "case": "softmax_pallas", "status": "ok"}]
-    assert oc.constexprs(rows[0])["BLOCK_N"] == 4096 and oc.constexprs(rows[0])["ALIGN"] == 8
     got = oc.occupancy_inputs(rows, "sm_90", 50000)
     assert got["softmax_online_kernel"] == {"occupancy": 0.3125, "registers": 93,
                                             "bytes_in_flight_per_warp": 2 * 4096 * 2 / 4}

@@ -59,6 +59,13 @@ def test_fp16_and_long_sequence_default_splits():
                  dtype=torch.float16, matmul=True, what="paged_attention_pallas fp16")
 
 
+def test_refuses_a_gpu_target(monkeypatch):
+    monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")   # no scalar prefetch in the Triton lowering
+    inputs = paged_inputs((5,), 4, 2, 64, torch.float32, seed=fresh_seed())
+    with pytest.raises(RuntimeError, match="paged_attention_pallas is a TPU kernel"):
+        paged_attention_pallas(*_jax(*inputs))
+
+
 def test_race_detector_catches_a_racy_kernel():
     """Control: every parallel step accumulates into the same output block."""
     def kernel(x_ref, o_ref):

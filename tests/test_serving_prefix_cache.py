@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.inference.block_manager import BlockManager
-from shared.serving.kv_pool import BlockPool, chain_hashes
+from shared.inference.block_manager import BlockManager, chain_hashes
+from shared.serving.kv_pool import BlockPool
 from shared.serving.prefix_cache import RadixCache
 
 BS = 2

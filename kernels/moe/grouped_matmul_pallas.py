@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
 from kernels.moe._args import grouped_shape
-from kernels.tpu_lowering import compiler_params, pallas_target
+from kernels.tpu_lowering import compiler_params, require_tpu
 
 # grid (column tiles, visits): a tile's or an expert's output block is revisited in order
 _SEMANTICS = ("parallel", "arbitrary")
@@ -197,11 +197,7 @@ def grouped_matmul_pallas(x, w, group_sizes, *, blocks: PallasBlocks | None = No
     Same contract as jax.lax.ragged_dot; differentiable in x and w (custom_vjp, Pallas backward).
     Group sizes must be non-negative and sum to at most M (checked when they are concrete).
     """
-    if pallas_target() != "tpu":
-        raise NotImplementedError(
-            "grouped_matmul_pallas is a TPU kernel: Pallas's Triton (GPU) lowering has no scalar "
-            "prefetch and runs every grid axis in parallel; use kernels.moe.grouped_matmul or "
-            "jax.lax.ragged_dot on a GPU")
+    require_tpu("grouped_matmul_pallas", "kernels.moe.grouped_matmul or jax.lax.ragged_dot")
     shape = grouped_shape(x, w, group_sizes)
     if not isinstance(group_sizes, jax.core.Tracer):
         # numpy, not jnp: under an enclosing jit, jnp on a concrete constant returns a tracer

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from kernels.device import new_output
-from kernels.launch import flat_grid, offset
+from kernels.launch import offset
 from kernels.paged._args import rope_shape
 from kernels.paged.rope_triton import (
-    BLOCK_T,
     check_rope,
+    launch_rope,
     rope,
     rope_rotate,
     rope_tile,
@@ -112,12 +112,10 @@ def rope_cache_write(q, k, v, positions, slot_mapping, k_cache, v_cache, *,
     if tokens == 0:
         return q_out
     half = head_dim // 2
-    rope_cache_write_kernel[flat_grid(triton.cdiv(tokens, BLOCK_T), heads_q)](
-        q.contiguous(), k.contiguous(), v.contiguous(), positions.contiguous(),
-        slot_mapping.contiguous(), q_out, k_cache, v_cache, tokens, heads_q, k.shape[1], half,
-        math.log2(theta), INTERLEAVED=interleaved, BLOCK_T=BLOCK_T,
-        BLOCK_P=max(16, triton.next_power_of_2(half)), num_warps=4,
-    )
+    launch_rope(rope_cache_write_kernel, tokens, heads_q, half, q.contiguous(), k.contiguous(),
+                v.contiguous(), positions.contiguous(), slot_mapping.contiguous(), q_out, k_cache,
+                v_cache, tokens, heads_q, k.shape[1], half, math.log2(theta),
+                INTERLEAVED=interleaved)
     return q_out
 
 

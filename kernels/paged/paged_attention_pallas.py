@@ -32,7 +32,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
 from kernels.paged._args import check_splits, paged_shape, softmax_scale
-from kernels.tpu_lowering import compiler_params, pallas_target
+from kernels.tpu_lowering import compiler_params, require_tpu
 
 F32 = jnp.float32
 LANES = 128   # per-head statistics kept lane-dense on a TPU
@@ -119,9 +119,7 @@ def paged_attention_pallas(q, k_cache, v_cache, block_tables, seq_lens, *, sm_sc
     """
     shape = paged_shape(q, k_cache, v_cache, block_tables, seq_lens)
     check_splits(num_splits)
-    if pallas_target() != "tpu":
-        raise NotImplementedError("paged_attention_pallas has a TPU layout only (scalar "
-                                  "prefetch); on a GPU use kernels.paged.paged_attention")
+    require_tpu("paged_attention_pallas", "kernels.paged.paged_attention")
     splits = num_splits or max(1, min(8, shape.max_blocks // 8))
     per_split = -(-shape.max_blocks // splits)
     cfg = _Config(shape.kv_heads, shape.group, shape.block_size, shape.num_blocks, per_split,

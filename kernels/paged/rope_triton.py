@@ -82,6 +82,14 @@ def rope_kernel(
     rope_rotate(X, OUT, rows, rows, c1, c2, ok, cos, sin * sign)
 
 
+def launch_rope(kernel, tokens: int, heads: int, half: int, *args, **meta) -> None:
+    """Launch a RoPE kernel: BLOCK_T tokens × one head per program, the pairs padded to a power
+    of two (>= 16); `args` are the kernel's arguments before `tokens`."""
+    kernel[flat_grid(triton.cdiv(tokens, BLOCK_T), heads)](
+        *args, BLOCK_T=BLOCK_T, BLOCK_P=max(16, triton.next_power_of_2(half)), num_warps=4,
+        **meta)
+
+
 def _launch(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved: bool,
             sign: float) -> torch.Tensor:
     tokens, heads, head_dim = x.shape
@@ -89,11 +97,8 @@ def _launch(x: torch.Tensor, positions: torch.Tensor, theta: float, interleaved:
     if tokens == 0:
         return out
     half = head_dim // 2
-    rope_kernel[flat_grid(triton.cdiv(tokens, BLOCK_T), heads)](
-        x.contiguous(), positions.contiguous(), out, tokens, heads, half, math.log2(theta),
-        sign, INTERLEAVED=interleaved, BLOCK_T=BLOCK_T,
-        BLOCK_P=max(16, triton.next_power_of_2(half)), num_warps=4,
-    )
+    launch_rope(rope_kernel, tokens, heads, half, x.contiguous(), positions.contiguous(), out,
+                tokens, heads, half, math.log2(theta), sign, INTERLEAVED=interleaved)
     return out
 
 

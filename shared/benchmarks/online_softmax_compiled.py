@@ -12,25 +12,18 @@ decorated there cannot be compiled; CPU-NOTES.md):
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 
-from kernels.softmax import triton as softmax_triton
 from shared import roofline
+from shared.compile_report import compile_env
 
 KERNELS = {"softmax_online_kernel": "online", "softmax_safe_kernel": "safe"}
 # The row lengths the PTX is read at: one tile (1000, a multiple of 8 but not of 16, so only
 # ALIGN lets the loads be vectorised), an odd one that cannot be (1001), and many tiles (50000).
 PTX_COLS = (1000, 1001, 50_000)
 _MEM_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global(\S*)\s", re.M)
-
-
-def constexprs(row: dict) -> dict:
-    """A compile row's constexprs by parameter name (compile_only keys them by position)."""
-    names = getattr(softmax_triton, row["kernel"]).arg_names
-    return {names[int(k)] if str(k).isdigit() else k: v for k, v in row["constexprs"].items()}
 
 
 def _width(suffix: str) -> int:
@@ -72,11 +65,10 @@ def _compile_memory_ops(cols=PTX_COLS) -> list[dict]:
 def memory_ops(cols=PTX_COLS) -> list[dict]:
     """`_compile_memory_ops` in a fresh KC_INTERPRET=0 process (the lab's own process
     interprets); widths come back as JSON strings and are turned into ints here."""
-    env = dict(os.environ, KC_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     code = ("import json; from shared.benchmarks.online_softmax_compiled import "
             f"_compile_memory_ops as f; print(json.dumps(f({tuple(cols)!r})))")
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run([sys.executable, "-c", code], env=compile_env(), capture_output=True,
+                         text=True, timeout=900)
     if run.returncode:
         raise RuntimeError(f"compiling the softmax kernels failed:\n{run.stderr[-3000:]}")
     rows = json.loads(run.stdout.strip().splitlines()[-1])
@@ -100,7 +92,7 @@ def table(rows: list[dict], dtype: str = "fp16") -> str:
     for r in gpu_rows(rows):
         if r["dtype"] != dtype:
             continue
-        c, k = r["census"], constexprs(r)
+        c, k = r["census"], r["constexprs"]
         lines.append(
             f"{r['target']:6} {r['case']:22} {KERNELS[r['kernel']]:6} {r['registers']:4d}"
             f" {r['spill_bytes']:5d} {r['shared_bytes']:>6d}/{r['shared_limit'] // 1024:<8d}"
@@ -121,7 +113,7 @@ def occupancy_inputs(rows: list[dict], target: str, case_cols: int, dtype: str =
     for r in gpu_rows(rows):
         if r["target"] != target or r["dtype"] != dtype or not r["case"].endswith(f"×{case_cols}"):
             continue
-        k = constexprs(r)
+        k = r["constexprs"]
         stages = r["num_stages"] if r["census"]["cp.async"] else 1
         out[r["kernel"]] = {"occupancy": r["occupancy"], "registers": r["registers"],
                             "bytes_in_flight_per_warp":

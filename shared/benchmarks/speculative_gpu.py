@@ -15,8 +15,6 @@ what the compiler made of them.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from kernels.device import INTERPRET
@@ -64,33 +62,22 @@ def gpu_prediction(traffic: dict, hw: str = "H100 SXM") -> dict:
             "accept_fraction": accept.time_s / forward.time_s}
 
 
-def _param_names(kernel) -> list[str]:
-    fn = getattr(kernel, "fn", kernel)  # a JITFunction or the interpreter's wrapper
-    return list(inspect.signature(fn).parameters)
-
-
 def compiled_table(rows: list[dict]) -> list[dict]:
     """`compiled("sampling")` rows as flat records: kernel, case, target, dtype, registers,
     spills, shared memory and its limit, occupancy, warps, the instruction census and the
     launcher's block sizes by name."""
-    from kernels.sampling import triton as sampling_triton
-
-    names = {k: _param_names(getattr(sampling_triton, k))
-             for k in ("gumbel_sample_kernel", "speculative_accept_kernel")}
+    kernels = ("gumbel_sample_kernel", "speculative_accept_kernel")
     out = []
     for r in rows:
-        if r.get("status") != "ok" or r.get("kernel") not in names:
+        if r.get("status") != "ok" or r.get("kernel") not in kernels:
             raise ValueError(f"row for {r.get('case')} on {r.get('target')} is not a compiled "
                              f"sampling kernel: {r.get('status')}")
-        # constexprs by name, or by position in older reports
-        blocks = {names[r["kernel"]][int(k)] if str(k).isdigit() else k: v
-                  for k, v in r["constexprs"].items()}
         out.append({"kernel": r["kernel"], "case": r["case"], "target": r["target"],
                     "dtype": r["dtype"], "registers": r["registers"],
                     "spill_bytes": r["spill_bytes"], "shared_bytes": r["shared_bytes"],
                     "shared_limit": r["shared_limit"], "occupancy": r["occupancy"],
                     "num_warps": r["num_warps"], "num_stages": r["num_stages"],
-                    **r["census"], **blocks})
+                    **r["census"], **r["constexprs"]})
     return out
 
 

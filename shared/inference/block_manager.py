@@ -38,6 +38,20 @@ class _Seq:
     hashes: list[int] = field(default_factory=list)   # chain hash of each full block
 
 
+def chain_hash(previous: int | None, block_tokens) -> int:
+    """A full block's key: its tokens and, through `previous`, every block before it."""
+    return hash((previous, tuple(block_tokens)))
+
+
+def chain_hashes(tokens, block_size: int) -> list[int]:
+    """h_i = chain_hash(h_{i−1}, block i) for each full block of `tokens`."""
+    hashes, h = [], None
+    for i in range(len(tokens) // block_size):
+        h = chain_hash(h, tokens[i * block_size:(i + 1) * block_size])
+        hashes.append(h)
+    return hashes
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         for name, n in (("num_blocks", num_blocks), ("block_size", block_size)):
@@ -78,12 +92,11 @@ class BlockManager:
         if seq in self.seqs:
             raise ValueError(f"sequence {seq!r} is already allocated")
         tokens = [int(t) for t in tokens]
-        hashes, cached, h = [], [], None
-        for i in range(len(tokens) // self.block_size):
-            h = hash((h, tuple(tokens[i * self.block_size:(i + 1) * self.block_size])))
-            hashes.append(h)
-            if len(cached) == i and h in self.prefix:   # a prefix: stop at the first miss
-                cached.append(self.prefix[h])
+        hashes, cached = chain_hashes(tokens, self.block_size), []
+        for h in hashes:                                # a prefix: stop at the first miss
+            if h not in self.prefix:
+                break
+            cached.append(self.prefix[h])
         needed = self.blocks_for(len(tokens)) - len(cached)
         if needed > self.num_free:
             return Outcome(False, needed=needed, free=self.num_free)
@@ -118,8 +131,7 @@ class BlockManager:
             new, copies = (s.table[-1],), ((src, s.table[-1]),)
         s.tokens.append(int(token))
         if len(s.tokens) % self.block_size == 0:        # the last block just became full
-            prev = s.hashes[-1] if s.hashes else None
-            h = hash((prev, tuple(s.tokens[-self.block_size:])))
+            h = chain_hash(s.hashes[-1] if s.hashes else None, s.tokens[-self.block_size:])
             s.hashes.append(h)
             self._register(s.table[-1], h)
         return Outcome(True, new, copies, needed=needed, free=self.num_free)
@@ -136,18 +148,26 @@ class BlockManager:
 
     def free(self, seq) -> None:
         for b in self.seqs.pop(self._key(seq)).table:
-            self.ref_counts[b] -= 1
-            if self.ref_counts[b] == 0:
-                h = self._hash_of.pop(b, None)
-                if h is not None and self.prefix.get(h) == b:
-                    del self.prefix[h]
-                self.free_list.append(b)
+            self._drop(b)
 
     # ---- internals ------------------------------------------------------------------------
     def _take(self) -> int:
         b = self.free_list.popleft()
         self.ref_counts[b] = 1
         return b
+
+    def _drop(self, block: int) -> None:
+        """One holder fewer; the last one gone, the block leaves the prefix cache and is free."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            h = self._hash_of.pop(block, None)
+            if h is not None and self.prefix.get(h) == block:
+                del self.prefix[h]
+            self.free_list.append(block)
+
+    def _other_holders(self) -> list[int]:
+        """References per block held by something other than a sequence (none here)."""
+        return [0] * self.num_blocks
 
     def _register(self, block: int, h: int) -> None:
         if h not in self.prefix:   # the first block with these contents stays the cached one
@@ -165,11 +185,11 @@ class BlockManager:
     def check(self) -> None:
         """Invariants: each block's count is the number of tables holding it; the free list is
         exactly the blocks with count 0, once each; cached blocks are live."""
-        counts = [0] * self.num_blocks
+        counts = self._other_holders()
         for s in self.seqs.values():
             assert len(s.table) == self.blocks_for(len(s.tokens)), "table length ≠ tokens"
             for b in s.table:
                 counts[b] += 1
-        assert counts == self.ref_counts, "reference counts ≠ table references"
+        assert counts == self.ref_counts, "reference counts ≠ table (+ other) references"
         assert sorted(self.free_list) == [b for b in range(self.num_blocks) if counts[b] == 0]
         assert all(self.ref_counts[b] > 0 for b in self.prefix.values()), "cached free block"

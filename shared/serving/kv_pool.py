@@ -19,18 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.inference.block_manager import BlockManager, _Seq
+from shared.inference.block_manager import BlockManager, _Seq, chain_hashes
 from shared.models.llama import Llama
-
-
-def chain_hashes(tokens, block_size: int) -> list[int]:
-    """The base manager's chain hash of each full block, h_i = hash(h_{i−1}, block i), so an
-    adopted sequence keeps registering its later blocks exactly as `allocate` would have."""
-    hashes, h = [], None
-    for i in range(len(tokens) // block_size):
-        h = hash((h, tuple(tokens[i * block_size:(i + 1) * block_size])))
-        hashes.append(h)
-    return hashes
 
 
 class BlockPool(BlockManager):
@@ -60,27 +50,16 @@ class BlockPool(BlockManager):
         if self.held[block] == 0:
             raise ValueError(f"block {block} is not held by the cache")
         self.held[block] -= 1
-        self.ref_counts[block] -= 1
-        if self.ref_counts[block] == 0:       # what BlockManager.free does for a block
-            h = self._hash_of.pop(block, None)
-            if h is not None and self.prefix.get(h) == block:
-                del self.prefix[h]
-            self.free_list.append(block)
+        self._drop(block)
 
     def room(self, seq) -> int:
         """Tokens `seq` can still append: the rest of its last block plus every free block."""
         s = self.seqs[seq]
         return len(s.table) * self.block_size - len(s.tokens) + self.num_free * self.block_size
 
-    def check(self) -> None:
-        """The base's invariants with the cache's references counted as holders."""
-        counts = list(self.held)
-        for s in self.seqs.values():
-            assert len(s.table) == self.blocks_for(len(s.tokens)), "table length ≠ tokens"
-            for b in s.table:
-                counts[b] += 1
-        assert counts == self.ref_counts, "reference counts ≠ table + cache references"
-        assert sorted(self.free_list) == [b for b in range(self.num_blocks) if counts[b] == 0]
+    def _other_holders(self) -> list[int]:
+        """The prefix cache's references: `check` counts them beside the sequences'."""
+        return list(self.held)
 
 
 class RaggedPagedBatch:

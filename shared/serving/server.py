@@ -57,10 +57,9 @@ def error_response(status: int, message: str, param=None, code=None) -> JSONResp
         "message": message, "type": kind, "param": param, "code": code}})
 
 
-class CompletionBody(BaseModel):
+class _Body(BaseModel):
+    """What completions and chat completions share: the model and how to sample."""
     model: str
-    prompt: str | list[int]
-    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -68,6 +67,11 @@ class CompletionBody(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int]
+    max_tokens: int | None = 16
 
 
 class Message(BaseModel):
@@ -75,18 +79,10 @@ class Message(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
-    model: str
+class ChatBody(_Body):
     messages: list[Message]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None   # the newer name for the same limit
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
 
 
 def chat_prompt(messages: list[Message]) -> str:
