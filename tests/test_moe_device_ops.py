@@ -23,7 +23,7 @@ def test_grouped_matmul_is_one_triton_launch_and_a_fixed_schedule_whatever_e(dev
               for E in (3, 8, 64)}
     for E, c in counts.items():
         assert c.triton == 1, f"E={E}: {c}"
-        assert c.host_syncs == 2, f"E={E}: the argument checks read min and sum of the sizes"
+        assert c.host_syncs == 1, f"E={E}: the checks read min and sum of the sizes, together"
         assert c.torch == counts[3].torch, "the tile schedule must not loop over experts"
     assert 20 <= sum(counts[8].torch.values()) <= 50    # cumsum, searchsorted, ...: not zero
 

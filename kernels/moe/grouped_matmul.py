@@ -142,10 +142,11 @@ def _check(x, w, group_sizes):
     check_tensor(group_sizes, "group_sizes", ndim=1, dtypes=(torch.int32, torch.int64))
     check_same_device(("x", x), ("w", w), ("group_sizes", group_sizes))
     shape = grouped_shape(x, w, group_sizes)
-    # One host read of E integers: bad sizes would make the kernel read out of bounds.
-    if int(group_sizes.min()) < 0:
+    # One host read (min and sum together): bad sizes would make the kernel read out of bounds.
+    smallest, total = torch.stack([group_sizes.min(), group_sizes.sum()]).tolist()
+    if smallest < 0:
         raise ValueError(f"group_sizes must be non-negative, got {group_sizes.tolist()}")
-    check_group_total(int(group_sizes.sum()), shape.m)
+    check_group_total(total, shape.m)
     return shape
 
 
