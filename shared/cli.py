@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated: sm_80, sm_90, tpu (default: all)")
     comp.add_argument("--json", action="store_true", help="JSON instead of a table")
     comp.add_argument("--family", help="comma-separated kernel families: softmax, attention, "
-                      "sampling, moe (default: all)")
+                      "sampling, moe, paged and each kernels/<pkg>/compile_cases.py's "
+                      "(default: all)")
     comp.set_defaults(fn=cmd_compile)
     srv = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/models, "
                          "/v1/completions, /v1/chat/completions) on the serving engine")

@@ -9,16 +9,21 @@ fp32, at sizes that are not multiples of the blocks (ragged edges specialise dif
 A kernel fails when it does not compile or lower, when its shared memory passes the part's limit,
 or when it spills in a *main* case (16-bit inputs: what the labs' `full` scale runs on a GPU).
 Spills that are accepted elsewhere are listed in ACCEPTED_SPILLS with the reason beside them.
+A kernel package may declare its own family in kernels/<package>/compile_cases.py (FAMILY, and
+`triton_cases(add, dtypes)` and/or `pallas_cases()`, shaped like the functions below), so a new
+family is added beside its kernels without editing this file.
 Needs KC_INTERPRET=0 before `import kernels`: `main` re-runs itself in a subprocess otherwise.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 GPU_TARGETS = ("sm_80", "sm_90")
 ALL_TARGETS = (*GPU_TARGETS, "tpu")
@@ -81,6 +86,9 @@ def _torch_cases() -> list[Case]:
     add("moe", "permute + unpermute top-2 of 8, D=4096", "bf16", True,
         lambda: _permute(permute, unpermute, torch.bfloat16))
     _paged_cases(add, dtypes)
+    for module in case_modules():
+        if hasattr(module, "triton_cases"):
+            module.triton_cases(add, dtypes)
     for v in (256, 32_000, 128_256):  # the labs' byte vocabulary, Llama 2, Llama 3
         add("sampling", f"gumbel_sample V={v}", "fp32", True,
             lambda v=v: gumbel_sample(torch.randn(4, v), temperature=0.8))
@@ -242,6 +250,9 @@ def _pallas_cases() -> list[tuple[str, str, Callable, tuple]]:
             cases.append(("paged", f"rope_pallas fwd interleaved={interleaved} {tag}", rot, xp))
             cases.append(("paged", f"rope_pallas grads interleaved={interleaved} {tag}",
                           lambda x, p, rot=rot: jax.vjp(lambda x_: rot(x_, p), x)[1](x), xp))
+    for module in case_modules():
+        if hasattr(module, "pallas_cases"):
+            cases += module.pallas_cases()
     return cases
 
 
@@ -267,7 +278,18 @@ def lower_pallas(families=None, progress: bool = True) -> list[dict]:
     return rows
 
 
-FAMILIES = ("softmax", "attention", "sampling", "moe", "paged")
+BUILT_IN_FAMILIES = ("softmax", "attention", "sampling", "moe", "paged")
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+
+
+def case_modules() -> list:
+    """The kernel packages that declare their own compile cases (module docstring)."""
+    return [importlib.import_module(f"kernels.{p.parent.name}.compile_cases")
+            for p in sorted(KERNELS.glob("*/compile_cases.py"))]
+
+
+def families() -> tuple[str, ...]:
+    return BUILT_IN_FAMILIES + tuple(m.FAMILY for m in case_modules())
 
 
 def run(targets: tuple[str, ...], families=None, progress: bool = True) -> list[dict]:
@@ -335,11 +357,12 @@ def table(rows: list[dict]) -> str:
 def parse_families(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
-    families = tuple(f.strip() for f in text.split(",") if f.strip())
-    bad = [f for f in families if f not in FAMILIES]
-    if bad or not families:
-        raise ValueError(f"--family must list some of {','.join(FAMILIES)}, got {text!r}")
-    return families
+    chosen = tuple(f.strip() for f in text.split(",") if f.strip())
+    known = families()
+    bad = [f for f in chosen if f not in known]
+    if bad or not chosen:
+        raise ValueError(f"--family must list some of {','.join(known)}, got {text!r}")
+    return chosen
 
 
 def compiled(families: str, targets: str = "sm_80,sm_90,tpu") -> list[dict]:
