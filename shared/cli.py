@@ -1,5 +1,5 @@
 """`kclub`: list the labs, run one headless, strip it for commit, run benchmarks, print the
-claims table, serve the tiny Llama over an OpenAI-compatible API."""
+claims table, serve the tiny Llama over an OpenAI-compatible API and load it with a trace."""
 
 from __future__ import annotations
 
@@ -159,6 +159,13 @@ def cmd_serve(args) -> int:
     return serve(args.host, args.port, args.model)
 
 
+def cmd_loadgen(args) -> int:
+    """Replay a Poisson or bursty trace against a server (shared/serving/loadgen.py)."""
+    from shared.serving import loadgen
+
+    return loadgen.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kclub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--model", choices=["target", "draft"], default="target")
     srv.set_defaults(fn=cmd_serve)
+    lg = sub.add_parser("loadgen", help="replay a Poisson or bursty arrival trace against an "
+                        "OpenAI-compatible server: TTFT and TBT p50/p99, throughput")
+    from shared.serving.loadgen import add_arguments
+    add_arguments(lg)
+    lg.set_defaults(fn=cmd_loadgen)
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

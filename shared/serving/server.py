@@ -66,6 +66,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: dict | None = None   # {"include_usage": true}: a last chunk with usage
     n: int = 1
 
 
@@ -229,13 +230,15 @@ def create_app(model: Llama, model_name: str, config: SchedulerConfig | None = N
                         "finish_reason": reason}
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
 
+        def usage():
+            return {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.output),
+                    "total_tokens": len(r.prompt) + len(r.output)}
+
         if not body.stream:
             pieces = [p async for p, _ in text_pieces(server, r, queue)]
-            usage = {"prompt_tokens": len(r.prompt), "completion_tokens": len(r.output),
-                     "total_tokens": len(r.prompt) + len(r.output)}
             return {**head, "object": obj, "choices": [choice("".join(pieces),
                                                               r.finish_reason)],
-                    "usage": usage}
+                    "usage": usage()}
 
         def chunk(text, reason, first=False):
             if chat:
@@ -255,6 +258,10 @@ def create_app(model: Llama, model_name: str, config: SchedulerConfig | None = N
                     yield chunk(piece, None)
                 if finished:
                     yield chunk("", r.finish_reason)
+            if (body.stream_options or {}).get("include_usage"):   # OpenAI's last usage chunk
+                data = {**head, "object": obj + (".chunk" if chat else ""), "choices": [],
+                        "usage": usage()}
+                yield f"data: {json.dumps(data)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
