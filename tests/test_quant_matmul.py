@@ -1,0 +1,85 @@
+"""kernels/quant matmuls (Triton; Pallas in test_quant_pallas.py) against float64 references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.quant import quantize, quantized_matmul, quantized_matmul_reference
+from kernels.quant.matmul_triton import CONFIGS
+from shared.check import assert_close, fresh_seed, kernel_dtypes
+
+GROUPED = {"int4": (32, 64, 128), "nf4": (64,)}
+
+
+def _case(fmt, group, m, n, k_units, dtype, device, seed):
+    """Fresh x [M, K], w [N, K]; K odd for the 8-bit formats, `k_units` groups for 4-bit."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = 2 * k_units + 1 if group is None else group * k_units
+    w = torch.randn(n, k, generator=g, device=device) * 0.05
+    x = torch.randn(m, k, generator=g, device=device).to(dtype)
+    return x, quantize(w, fmt, group_size=group)
+
+
+@settings(max_examples=8)
+@given(fmt=st.sampled_from(["int8", "llm.int8", "int4", "nf4"]), data=st.data(),
+       m=st.integers(1, 40), n=st.integers(1, 90), k_units=st.integers(1, 3))
+def test_quantized_matmul_matches_float64(fmt, data, m, n, k_units, device):
+    dtype = data.draw(st.sampled_from(kernel_dtypes(device)))
+    group = data.draw(st.sampled_from(GROUPED[fmt])) if fmt in GROUPED else None
+    k_units = k_units * 40 if group is None else k_units      # 8-bit: K from 81 to 241, odd
+    x, qw = _case(fmt, group, m, n, k_units, dtype, device, fresh_seed())
+    out = quantized_matmul(x, qw)
+    ref = quantized_matmul_reference(x.double(), qw)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_close(out, ref, dtype=dtype, matmul=True, what=f"{fmt} g={group} {dtype} {m}x{n}")
+
+
+@pytest.mark.parametrize("name", ["decode", "prefill"])
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("nf4", 64), ("int8", None)])
+def test_both_configurations(name, fmt, group, device):
+    # both tile shapes at a size that is ragged for each (N and M not multiples of the tiles)
+    m = 5 if name == "decode" else 130
+    x, qw = _case(fmt, group, m, 131, 3 if group else 70, torch.float16, device, fresh_seed())
+    out = quantized_matmul(x, qw, config=CONFIGS[name])
+    assert_close(out, quantized_matmul_reference(x.double(), qw), dtype=torch.float16,
+                 matmul=True)
+
+
+def test_nf4_without_double_quant(device):
+    g = torch.Generator(device=device).manual_seed(fresh_seed())
+    w, x = torch.randn(37, 192, generator=g, device=device), torch.randn(3, 192, device=device)
+    qw = quantize(w, "nf4", double_quant=False)
+    assert_close(quantized_matmul(x, qw), quantized_matmul_reference(x.double(), qw),
+                 matmul=True)
+
+
+def test_llm_int8_decomposition_keeps_outliers_exact(device):
+    # One feature of x at 60 (LLM.int8() §3.2: emergent outliers): the decomposition keeps it
+    # out of the int8 rows, so the result stays as close to x @ Wᵀ as int8 allows; quantizing
+    # x whole would crush every other feature of those rows to a few levels.
+    g = torch.Generator(device=device).manual_seed(fresh_seed())
+    w = torch.randn(64, 129, generator=g, device=device) * 0.05
+    x = torch.randn(8, 129, generator=g, device=device)
+    x[:, 17] = 60.0
+    exact = x.double() @ w.double().t()
+    with_split = quantized_matmul(x, quantize(w, "llm.int8"))
+    no_split = quantized_matmul(x, quantize(w, "llm.int8", threshold=1e9))
+    err_split = (with_split.double() - exact).norm() / exact.norm()
+    err_whole = (no_split.double() - exact).norm() / exact.norm()
+    assert err_split < 0.01 and err_whole > 3 * err_split, (err_split, err_whole)
+
+
+def test_bad_matmul_arguments_name_the_argument():
+    qw = quantize(torch.randn(8, 64), "int4", group_size=32)
+    with pytest.raises(ValueError, match="x has K=63"):
+        quantized_matmul(torch.randn(2, 63), qw)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        quantized_matmul(torch.randn(64), qw)
+    with pytest.raises(TypeError, match="qw must be a QuantizedWeight"):
+        quantized_matmul(torch.randn(2, 64), torch.randn(8, 64))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        quantized_matmul(torch.ones(2, 64, dtype=torch.int64), qw)
+    with pytest.raises(ValueError, match="x is empty"):
+        quantized_matmul(torch.randn(0, 64), qw)
+
