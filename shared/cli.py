@@ -18,6 +18,9 @@ def cmd_list(_args) -> int:
     for lab in labs.discover().values():
         bench = lab.bench or "—"
         print(f"{lab.slug:24s} {lab.title:36s} papers: {', '.join(lab.papers)}  bench: {bench}")
+    for path in labs.strays():
+        print(f"note: labs/{path.name} is not a lab (no kclub metadata): left out",
+              file=sys.stderr)
     return 0
 
 

@@ -1,11 +1,13 @@
 """`kclub` as a user meets it: list, unknown slugs, claims, strip."""
 
+import importlib.util
 import json
 import shutil
 
 import pytest
 
 from shared import cli, labs
+from shared.paths import ROOT
 
 
 def test_list(capsys):
@@ -66,8 +68,26 @@ def test_strip_keeps_checked_outputs(lab_copy, tmp_path):
 def test_bad_metadata(tmp_path, monkeypatch):
     shutil.copy(labs.get("online-softmax").notebook, tmp_path / "x.ipynb")
     nb = json.loads((tmp_path / "x.ipynb").read_text())
-    del nb["metadata"]["kclub"]
+    del nb["metadata"]["kclub"]["title"]
     (tmp_path / "x.ipynb").write_text(json.dumps(nb))
     monkeypatch.setattr(labs, "LABS", tmp_path)
     with pytest.raises(ValueError, match="kclub.title"):
         labs.discover()
+
+
+def test_a_notebook_that_is_not_a_lab_is_left_out(tmp_path, monkeypatch, capsys):
+    """A reader's Untitled.ipynb in labs/ breaks neither the catalog nor `kclub list`, and the
+    labs' conftest keeps nbval from collecting it."""
+    shutil.copy(labs.get("online-softmax").notebook, tmp_path / "online-softmax.ipynb")
+    (tmp_path / "Untitled.ipynb").write_text(json.dumps(
+        {"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    monkeypatch.setattr(labs, "LABS", tmp_path)
+    assert list(labs.discover()) == ["online-softmax"]
+    assert [p.name for p in labs.strays()] == ["Untitled.ipynb"]
+    assert cli.main(["list"]) == 0
+    assert "Untitled.ipynb is not a lab" in capsys.readouterr().err
+    spec = importlib.util.spec_from_file_location("labs_conftest", ROOT / "labs" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    assert conftest.pytest_ignore_collect(tmp_path / "Untitled.ipynb", None) is True
+    assert conftest.pytest_ignore_collect(tmp_path / "online-softmax.ipynb", None) is None
