@@ -1,0 +1,96 @@
+"""The training script on top: what `launch.spawn` runs on each rank, and the one-process
+reference every stage must match.
+
+`zero_worker(spec, jobs)` builds the model from the same seed on every rank (the whole model,
+then sharded: simple at this size; a large model would build only its shard), runs each job
+on a fresh engine and returns, per job, what the lab reads: losses, per-rank model-state
+bytes, step times, the compute and communication spans, the parameter-memory timeline and,
+if asked, the final parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from shared.parallel.zero.comm import CommThread
+from shared.parallel.zero.engine import ZeroEngine
+from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Job:
+    stage: int                     # 0 = DDP, 1-3 = ZeRO stage
+    steps: int = 3
+    local_batch: int = 2           # sequences per rank per step (weak scaling: fixed)
+    dtype: str = "fp32"            # compute dtype; masters are fp32
+    impl: str = "gloo"             # collectives: "ring" (send/recv) or "gloo"
+    prefetch: bool = True          # ZeRO-3: gather the next unit before this one computes
+    slot_s: float | None = None    # emulated compute per block (engine.py); None: real
+    params: bool = False           # return the final parameters
+    lr: float = 1e-2
+    world: int | None = None       # Nd: the job runs on ranks 0..world-1 (None: all of them)
+    label: str = ""
+
+
+def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    model = build_model(spec)
+    comm = CommThread(group, impl=job.impl)
+    engine = ZeroEngine(model, job.stage, comm, compute_dtype=DTYPES[job.dtype], lr=job.lr,
+                        prefetch=job.prefetch, slot_s=job.slot_s)
+    out = {"losses": [], "bytes": [], "times": [], "spans": [], "comm": [], "memory": []}
+    for step in range(job.steps):
+        tokens, targets = batch(spec, step, world * job.local_batch)
+        rows = slice(rank * job.local_batch, (rank + 1) * job.local_batch)
+        engine.spans.clear(), comm.spans.clear(), engine.memory.clear()
+        dist.barrier(group)
+        t0 = time.perf_counter()
+        res = engine.step(loss_fn, tokens[rows], targets[rows])
+        out["times"].append(time.perf_counter() - t0)
+        out["losses"].append(res.loss)
+        out["bytes"].append(res.state_bytes)
+        out["spans"].append([(k, u, a - t0, b - t0) for k, u, a, b in engine.spans])
+        out["comm"].append([(s.op, s.unit, s.nbytes, s.start - t0, s.end - t0)
+                            for s in comm.spans])
+        out["memory"].append([(t - t0, b) for t, b in engine.memory])
+    if job.params:
+        out["params"] = engine.full_parameters()
+    comm.close()
+    return out
+
+
+def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
+    """Every job on this rank, in order (what launch.spawn runs). A job on Nd < world ranks
+    runs in a subgroup of ranks 0..Nd-1; the other ranks skip it (None)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = sorted({job.world or world for job in jobs})
+    if sizes[-1] > world:
+        raise ValueError(f"a job asks for world={sizes[-1]} ranks; the run has {world}")
+    # every rank creates every group, in the same order (new_group is collective)
+    groups = {n: None if n == world else dist.new_group(list(range(n))) for n in sizes}
+    return [run_job(spec, job, groups[job.world or world]) if rank < (job.world or world)
+            else None for job in jobs]
+
+
+def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2) -> dict:
+    """Single-process fp32 training on the whole global batch with torch.optim.Adam: the
+    losses per step and the final parameters every stage must reproduce."""
+    model = build_model(spec)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                           foreach=False)
+    losses = []
+    for step in range(steps):
+        tokens, targets = batch(spec, step, global_batch)
+        opt.zero_grad()
+        loss = loss_fn(model, tokens, targets)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return {"losses": losses,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
