@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.device import POISON
+
 
 class FlatUnit:
     """`params` (trainable, distinct) as one flat buffer of `padded` elements of `dtype`.
@@ -60,8 +62,11 @@ class FlatUnit:
         self.full.untyped_storage().resize_(0)
 
     def allocate(self) -> torch.Tensor:
-        """Give `full` its memory back (contents undefined until gathered into) and return it."""
+        """Give `full` its memory back and return it, NaN-filled when poisoning is on (the
+        allocator may hand back the old values, which would hide a gather that never came)."""
         self.full.untyped_storage().resize_(self.padded * self.full.element_size())
+        if POISON:
+            self.full.fill_(float("nan"))
         return self.full
 
     def flat_grad(self) -> torch.Tensor:

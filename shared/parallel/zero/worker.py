@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shared.parallel import comm_log
 from shared.parallel.zero.comm import CommThread
 from shared.parallel.zero.engine import ZeroEngine
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
@@ -25,7 +26,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Job:
-    stage: int                     # 0 = DDP, 1-3 = ZeRO stage
+    stage: int                     # 0 = DDP, 1-3 = ZeRO stage (ignored by "fsdp2")
+    runtime: str = "ours"          # "ours" or "fsdp2" (torch.distributed.fsdp.fully_shard)
     steps: int = 3
     local_batch: int = 2           # sequences per rank per step (weak scaling: fixed)
     dtype: str = "fp32"            # compute dtype; masters are fp32
@@ -35,6 +37,7 @@ class Job:
     params: bool = False           # return the final parameters
     lr: float = 1e-2
     world: int | None = None       # Nd: the job runs on ranks 0..world-1 (None: all of them)
+    fail_at: int | None = None     # fault injection: rank 1 raises at this step
     label: str = ""
 
 
@@ -44,15 +47,20 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
     comm = CommThread(group, impl=job.impl)
     engine = ZeroEngine(model, job.stage, comm, compute_dtype=DTYPES[job.dtype], lr=job.lr,
                         prefetch=job.prefetch, slot_s=job.slot_s)
-    out = {"losses": [], "bytes": [], "times": [], "spans": [], "comm": [], "memory": []}
+    out = {"losses": [], "bytes": [], "times": [], "spans": [], "comm": [], "memory": [],
+           "sent": []}
     for step in range(job.steps):
         tokens, targets = batch(spec, step, world * job.local_batch)
         rows = slice(rank * job.local_batch, (rank + 1) * job.local_batch)
         engine.spans.clear(), comm.spans.clear(), engine.memory.clear()
         dist.barrier(group)
-        t0 = time.perf_counter()
-        res = engine.step(loss_fn, tokens[rows], targets[rows])
-        out["times"].append(time.perf_counter() - t0)
+        if job.fail_at == step and rank == 1:
+            raise RuntimeError(f"injected failure on rank 1 at step {step}")
+        with comm_log.recording() as log:
+            t0 = time.perf_counter()
+            res = engine.step(loss_fn, tokens[rows], targets[rows])
+            out["times"].append(time.perf_counter() - t0)
+        out["sent"].append(log.bytes())  # bytes this rank put on the wire this step
         out["losses"].append(res.loss)
         out["bytes"].append(res.state_bytes)
         out["spans"].append([(k, u, a - t0, b - t0) for k, u, a, b in engine.spans])
@@ -65,6 +73,39 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
     return out
 
 
+def run_fsdp2(spec: ModelSpec, job: Job, group=None) -> dict:
+    """The same training with torch's FSDP2: each block, then the root, `fully_shard`ed on a
+    1-D device mesh of the group's ranks, and torch.optim.Adam on the sharded parameters."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+    mesh = DeviceMesh("cpu", ranks)
+    model = build_model(spec)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=job.lr,
+                           foreach=False)
+    out = {"losses": [], "times": []}
+    for step in range(job.steps):
+        tokens, targets = batch(spec, step, world * job.local_batch)
+        rows = slice(rank * job.local_batch, (rank + 1) * job.local_batch)
+        dist.barrier(group)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model, tokens[rows], targets[rows])
+        loss.backward()
+        opt.step()
+        out["times"].append(time.perf_counter() - t0)
+        out["losses"].append(float(loss.detach()))
+    if job.params:
+        out["params"] = {n: p.full_tensor().detach().clone()
+                         for n, p in model.named_parameters()}
+    return out
+
+
 def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
     """Every job on this rank, in order (what launch.spawn runs). A job on Nd < world ranks
     runs in a subgroup of ranks 0..Nd-1; the other ranks skip it (None)."""
@@ -74,8 +115,9 @@ def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
         raise ValueError(f"a job asks for world={sizes[-1]} ranks; the run has {world}")
     # every rank creates every group, in the same order (new_group is collective)
     groups = {n: None if n == world else dist.new_group(list(range(n))) for n in sizes}
-    return [run_job(spec, job, groups[job.world or world]) if rank < (job.world or world)
-            else None for job in jobs]
+    runners = {"ours": run_job, "fsdp2": run_fsdp2}
+    return [runners[job.runtime](spec, job, groups[job.world or world])
+            if rank < (job.world or world) else None for job in jobs]
 
 
 def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2) -> dict:
@@ -91,6 +133,6 @@ def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2) 
         loss = loss_fn(model, tokens, targets)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {"losses": losses,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
