@@ -1,0 +1,183 @@
+"""Run the tensor-parallel Llama on p ranks and the single-process one, the same batch for both.
+
+`launch(jobs, world)` starts p processes through `shared.parallel.launch.spawn` (a port picked at
+run time, a timeout on every collective and on the run, the first failing rank's traceback
+raised in the parent) and runs every job in one process group, since starting processes costs
+more than the jobs here:
+- `Proof`: the shipped tiny Llama cut into p shards; one forward and backward on a batch of
+  held-out bytes, each phase under its own communication log; back come the loss, the gathered
+  logits, every local gradient with the slice of the full parameter it belongs to, the logs,
+  and the bytes this rank holds (parameters; activations saved for the backward).
+- `Timing`: a stack of TP blocks, paced (comm.Pacer) on a CPU, step times in paired rounds,
+  and the all-reduce alone at the block's message size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from shared.models import zoo
+from shared.models.llama import Llama, LlamaConfig
+from shared.parallel.launch import spawn
+from shared.parallel.pipeline.runtime import _SavedBytes
+from shared.parallel.tensor.comm import Pacer, TPComm
+from shared.parallel.tensor.model import TPBlock, TPLlama
+
+
+@dataclass(frozen=True)
+class Proof:
+    tokens: torch.Tensor   # [batch, seq] int64, the same on every rank
+    targets: torch.Tensor  # [batch, seq]: tokens shifted by one
+    fail_rank: int = -1    # a rank that raises on purpose (to prove a failure ends the run)
+
+
+@dataclass(frozen=True)
+class Timing:
+    config: LlamaConfig   # n_layers TP blocks of this shape (weights random, seeded)
+    batch: int = 4
+    seq: int = 64
+    slot_s: float | None = 0.02   # emulated compute per segment (None: real compute)
+    rounds: int = 5
+
+
+def target_weights() -> dict:
+    """The shipped target checkpoint: (config, float32 state dict). Read once in the parent
+    and handed to the ranks (each would otherwise read and convert it again)."""
+    ckpt = zoo.checkpoint("target")
+    return {"config": LlamaConfig(**ckpt["recipe"]["model"]),
+            "state": {k: v.float() for k, v in ckpt["state_dict"].items()}}
+
+
+def build(weights: dict) -> Llama:
+    """The single-process model, gradients on (zoo.load freezes it)."""
+    model = Llama(weights["config"])
+    model.load_state_dict(weights["state"])
+    return model
+
+
+def proof_job(batch: int, seq: int, seed: int, *, fail_rank: int = -1) -> Proof:
+    """`batch` windows of `seq` + 1 held-out bytes at seeded offsets: tokens and targets."""
+    val = zoo.held_out_tokens("target")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(val) - seq - 1, (batch,), generator=gen)
+    rows = torch.stack([val[s:s + seq + 1] for s in starts.tolist()])
+    return Proof(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), fail_rank)
+
+
+def single_process(job: Proof, weights: dict) -> dict:
+    """The reference: the whole model in one process, mean cross-entropy, every gradient."""
+    model = build(weights)
+    logits = model(job.tokens)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), job.targets.flatten())
+    loss.backward()
+    return {"loss": loss.item(), "logits": logits.detach(),
+            "grads": {n: p.grad for n, p in model.named_parameters()}}
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters' storages (what this rank holds)."""
+    return sum(p.untyped_storage().nbytes() for p in module.parameters())
+
+
+def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
+    if comm.rank == job.fail_rank:
+        raise RuntimeError(f"rank {comm.rank} fails on purpose (fail_rank={job.fail_rank})")
+    model = TPLlama(build(weights), comm)  # the full model is dropped once it is cut
+    tokens, targets = job.tokens, job.targets
+    saved = _SavedBytes(list(model.parameters()))
+    with comm.recording() as fwd, torch.autograd.graph.saved_tensors_hooks(saved.pack,
+                                                                           lambda t: t):
+        loss, logits = model.loss(tokens, targets)
+    with comm.recording() as bwd:
+        loss.backward()
+    with comm.recording() as sync:
+        model.sync_replicated_grads()
+    return {"loss": loss.item(), "logits": comm.all_gather(logits.detach()),
+            "grads": {n: (p.shard, p.grad) for n, p in model.named_parameters()},
+            "forward": fwd, "backward": bwd, "sync": sync, "param_bytes": param_bytes(model),
+            "activation_bytes": sum(saved.seen.values()), "tokens": tokens.numel()}
+
+
+def timing_stack(job: Timing, comm: TPComm) -> tuple[list[TPBlock], torch.Tensor, torch.Tensor]:
+    """The job's TP blocks (cut from a seeded single-process Llama), an input and an upstream
+    gradient, identical on every rank."""
+    torch.manual_seed(0)
+    full = Llama(job.config)
+    blocks = [TPBlock(b, comm, f"layers.{i}") for i, b in enumerate(full.layers)]
+    x = torch.randn(job.batch, job.seq, job.config.dim)
+    return blocks, x, torch.randn_like(x)
+
+
+def _timing(job: Timing, comm: TPComm) -> dict:
+    blocks, x0, dy = timing_stack(job, comm)
+    positions = torch.arange(job.seq).expand(job.batch, job.seq)
+    pacer = Pacer(job.slot_s) if job.slot_s else None
+    comm.pacer = pacer
+
+    def step() -> float:
+        x = x0.clone().requires_grad_(True)
+        if comm.world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        if pacer:
+            pacer.backward = False
+            pacer.after()  # the first segment's slot starts now
+        h = x
+        for block in blocks:
+            h = block(h, positions)
+        if pacer:
+            pacer.backward = True
+        h.backward(dy)
+        return time.perf_counter() - t0
+
+    step()  # warm-up
+    times = [step() for _ in range(job.rounds)]
+    comm.pacer = None
+    # The all-reduce alone, at one block's message size ([b, s, h] fp32), for the alpha-beta fit.
+    ar = []
+    for n in (job.batch * job.seq * job.config.dim, 1):
+        buf = torch.randn(n)
+        for _ in range(job.rounds + 1):
+            if comm.world > 1:
+                dist.barrier()
+            t0 = time.perf_counter()
+            comm.all_reduce(buf)
+            ar.append((4 * n, time.perf_counter() - t0))
+    return {"times": times, "allreduce": ar}
+
+
+def _run(jobs: list, weights: dict | None, comm: TPComm) -> list[dict]:
+    return [_proof(j, weights, comm) if isinstance(j, Proof) else _timing(j, comm)
+            for j in jobs]
+
+
+def worker(jobs: list, weights: dict | None) -> list[dict]:
+    """One rank: every job in order (runs inside the process group spawn or torchrun set up)."""
+    return _run(jobs, weights, TPComm.from_default_group())
+
+
+def launch(jobs: list, world: int, weights: dict | None = None, *,
+           timeout_s: float = 300.0) -> list[list[dict]]:
+    """Each rank's results (rank-major); a failing rank raises RuntimeError with its error.
+    `weights` (target_weights()) is needed by Proof jobs."""
+    return spawn(worker, world, jobs, weights, timeout_s=timeout_s)
+
+
+def in_process(jobs: list, weights: dict | None = None) -> list[dict]:
+    """The same jobs at TP = 1 in this process (TPComm of one rank: nothing is sent)."""
+    return _run(jobs, weights, TPComm(0, 1))
+
+
+def assemble(ranks: list[dict], name: str, full: torch.Tensor) -> list[torch.Tensor]:
+    """For one full parameter: each rank's (local grad, matching slice of `full`) pairs."""
+    pairs = []
+    for r in ranks:
+        for shard, grad in r["grads"].values():
+            if shard.name == name:
+                pairs.append((grad, shard.of(full)))
+    return pairs
