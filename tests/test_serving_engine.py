@@ -160,6 +160,18 @@ def test_static_batching_waits_for_the_longest_member():
     assert cont.requests[2].token_times[0] < first.token_times[-1]   # continuous: joins
 
 
+def test_static_batch_is_admitted_whole_even_past_the_token_budget():
+    """The batch forms when the last one is done, not just the members the budget reaches in
+    one step: the others join with no tokens and prefill in the next steps."""
+    trace = [(list(range(k, k + 10)), SamplingParams(max_tokens=3), 0.0) for k in (0, 50, 100)]
+    engine, _ = run(trace, block_size=4, num_blocks=32, token_budget=12, max_num_seqs=3,
+                    policy="static")
+    assert engine.history[0].running == 3 and engine.history[0].waiting == 0
+    assert [(r.request_id, n) for r, n, _ in engine.history[0].items] == [(0, 10), (1, 2)]
+    for i, (prompt, params, _) in enumerate(trace):
+        assert engine.requests[i].output == solo(tuple(prompt), params.max_tokens)
+
+
 def test_tokens_stream_as_they_are_produced():
     seen = []
     engine = Engine(model(), SchedulerConfig(block_size=4, num_blocks=16, token_budget=32))

@@ -139,13 +139,17 @@ class Scheduler:
         for r in self.running:               # chunks of prefills already under way first
             if budget and id(r) not in scheduled and not r.is_decode:
                 budget = self._chunk(r, budget, step)
-        static_gate = self.config.policy == "static" and self.running
-        while budget and self.waiting and not static_gate and \
+        # static: a new batch only once the last has finished, and then a whole batch
+        # (max_num_seqs) joins at once, the members the budget cannot reach this step
+        # without a chunk (they prefill in the next steps, before any decode of theirs)
+        static = self.config.policy == "static"
+        gate_open = not (static and self.running)
+        while gate_open and (budget or static) and self.waiting and \
                 len(self.running) < self.config.max_num_seqs:
             r = self.waiting[0]
             self._admit(r)
-            left = self._chunk(r, budget, step)
-            if left == budget:               # not one token fitted: wait for blocks (FIFO)
+            left = self._chunk(r, budget, step) if budget else budget
+            if budget and left == budget:    # not one token fitted: wait for blocks (FIFO)
                 self._release(r)
                 break
             budget = left
