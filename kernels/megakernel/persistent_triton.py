@@ -1,0 +1,120 @@
+"""The persistent mega-kernel: one launch runs a whole decode step's task graph (MPK §4).
+
+The grid is the worker count (on a GPU, one worker per SM). Worker w walks its queue
+QUEUE[QSTART[w]:QSTART[w+1]] — task ids assigned ahead of time in topological order — and for
+each task: spin-waits until each awaited event counter reaches need·epoch (atomic loads with
+acquire semantics), runs the task body (tasks_triton.py), then increments its output event
+(release, after a CTA barrier so every warp's stores are done). Counters are never reset: step
+`epoch` waits for need·epoch, so one launch per step suffices — no memset kernel.
+
+Task table TASKS: int64 [n_tasks, TASK_WIDTH] = (op, ten arguments, wait event 0, need 0,
+wait event 1, need 1, trigger event); event −1 = none. OPS numbers the task bodies.
+
+Triton's interpreter runs programs one after another, so a worker that waits on an event only a
+later program triggers would spin forever. Each wait therefore gives up after `max_spins`
+reads, records the task in ERR and ends its worker; the launcher raises. With one worker (the
+CPU runs) the queue is a topological order and no wait ever spins. The same code with one
+worker per SM is the GPU kernel.
+
+The kernel-per-operator baseline launches this same kernel once per operator, grid = that
+operator's tasks, one task per program: every wait is already satisfied by the launch before
+(stream order is the device-wide barrier), so it differs only in how the work is launched.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.megakernel.tasks_triton import (
+    add_task,
+    argmax_task,
+    attention_task,
+    embed_task,
+    matmul_task,
+    rmsnorm_task,
+    rope_task,
+)
+
+OPS = {"embed": 1, "rmsnorm": 2, "matmul": 3, "swiglu": 4, "rope": 5, "attention": 6, "add": 7,
+       "argmax": 8}
+TASK_WIDTH = 16
+ARGS, WAIT0, WAIT1, TRIGGER = 1, 11, 13, 15
+BLOCK_B = 16                         # decode rows per tile: B ≤ 16, padded for tl.dot
+
+
+@triton.jit
+def _wait(EVENTS, ev, need, epoch, max_spins):
+    """Spin until EVENTS[ev] ≥ need·epoch; returns False if it gave up (ev < 0: no wait)."""
+    ok = True
+    if ev >= 0:
+        target = need * epoch
+        seen = tl.atomic_add(EVENTS + ev, 0, sem="acquire")   # an atomic load
+        spins = 0
+        while (seen < target) & (spins < max_spins):
+            seen = tl.atomic_add(EVENTS + ev, 0, sem="acquire")
+            spins += 1
+        ok = seen >= target
+    return ok
+
+
+@triton.jit
+def megakernel_decode_kernel(
+    TASKS, QUEUE, QSTART, EVENTS, ERR,          # the schedule and its counters
+    WS, W, KC, VC, COS, SIN, TOK, OUT, POS,     # workspace, weights, caches, tokens
+    epoch, max_spins, batch, head_dim, eps, sm_scale,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    worker = tl.program_id(0)
+    i = tl.load(QSTART + worker)
+    end = tl.load(QSTART + worker + 1)
+    while i < end:
+        task = tl.load(QUEUE + i).to(tl.int64)
+        rec = TASKS + task * 16
+        ok = _wait(EVENTS, tl.load(rec + 11), tl.load(rec + 12), epoch, max_spins)
+        ok = ok & _wait(EVENTS, tl.load(rec + 13), tl.load(rec + 14), epoch, max_spins)
+        if ok:
+            op = tl.load(rec)
+            a = rec + 1
+            if op == 1:
+                embed_task(WS, W, TOK, a, batch, BLOCK_B, BLOCK_K)
+            elif op == 2:
+                rmsnorm_task(WS, W, a, batch, eps, BLOCK_B, BLOCK_K)
+            elif op == 3:
+                matmul_task(WS, W, a, batch, False, BLOCK_B, BLOCK_N, BLOCK_K)
+            elif op == 4:
+                matmul_task(WS, W, a, batch, True, BLOCK_B, BLOCK_N, BLOCK_K)
+            elif op == 5:
+                rope_task(WS, KC, VC, COS, SIN, POS, a, head_dim, BLOCK_G, BLOCK_D)
+            elif op == 6:
+                attention_task(WS, KC, VC, POS, a, head_dim, sm_scale, BLOCK_G, BLOCK_S,
+                               BLOCK_D)
+            elif op == 7:
+                add_task(WS, a, batch, BLOCK_B, BLOCK_N)
+            elif op == 8:
+                argmax_task(WS, OUT, a, batch, BLOCK_B, BLOCK_N)
+            tl.debug_barrier()   # every warp's stores issued before the release below
+            trig = tl.load(rec + 15)
+            if trig >= 0:
+                tl.atomic_add(EVENTS + trig, 1, sem="release")
+            i += 1
+        else:
+            tl.atomic_max(ERR, task.to(tl.int32) + 1)   # which task starved, for the host
+            i = end
+
+
+def launch(tables: dict, state: dict, *, queue: torch.Tensor, qstart: torch.Tensor,
+           epoch: int, max_spins: int, blocks: dict) -> None:
+    """One launch over len(qstart) − 1 workers. `tables`: TASKS, EVENTS, ERR (schedule.py);
+    `state`: WS, W, KC, VC, COS, SIN, TOK, OUT, POS and batch, head_dim, eps, sm_scale."""
+    workers = qstart.numel() - 1
+    s = state
+    megakernel_decode_kernel[(workers,)](
+        tables["TASKS"], queue, qstart, tables["EVENTS"], tables["ERR"],
+        s["WS"], s["W"], s["KC"], s["VC"], s["COS"], s["SIN"], s["TOK"], s["OUT"], s["POS"],
+        epoch, max_spins, s["batch"], s["head_dim"], s["eps"], s["sm_scale"],
+        BLOCK_B=BLOCK_B, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+        BLOCK_G=blocks["BLOCK_G"], BLOCK_S=blocks["BLOCK_S"], BLOCK_D=blocks["BLOCK_D"],
+        num_warps=4)
