@@ -1,0 +1,159 @@
+"""Collectives from send/recv against gloo's and a float64 sum, on 2, 3 and 4 gloo ranks:
+sizes that do not divide the world size, one element, a non-contiguous tensor, fp32 and fp16;
+the bytes each rank sends, counted through comm_log; failures end the run with their error."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from shared.parallel import collectives, comm_log, launch
+
+ALL_REDUCE = ["ring_all_reduce"]
+SHAPES = [(1,), (7,), (1003,), (6, 5)]
+DTYPES = [torch.float32, torch.float16]
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}
+
+
+def _ring_sent(numel: int, n: int, rank: int, itemsize: int) -> tuple[int, int]:
+    """Rank i sends every chunk but its own (reduce-scatter) and every chunk but i+1's
+    (all-gather): 2S - c_i - c_{i+1} elements, in 2(n-1) messages."""
+    c = [len(x) for x in torch.arange(numel).tensor_split(n)]
+    return (2 * numel - c[rank] - c[(rank + 1) % n]) * itemsize, 2 * (n - 1)
+
+
+SENT = {"ring_all_reduce": _ring_sent}
+
+
+def _inputs(rank: int, shape, dtype, case: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * case + rank)  # fresh per rank and case
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _cases():
+    return [(s, d, ncontig) for s in SHAPES for d in DTYPES for ncontig in (False, True)
+            if not ncontig or len(s) == 2]
+
+
+def _all_reduce_worker():
+    rank = dist.get_rank()
+    out = []
+    for case, (shape, dtype, ncontig) in enumerate(_cases()):
+        x = _inputs(rank, shape, dtype, case)
+        row = {"x": x, "gloo": x.clone()}
+        dist.all_reduce(row["gloo"])
+        for name in ALL_REDUCE:
+            t = x.clone().t() if ncontig else x.clone()  # .t(): a strided view, reduced as is
+            with comm_log.recording() as log:
+                ret = getattr(collectives, name)(t)
+            assert ret is t
+            row[name] = (t.t() if ncontig else t).clone()
+            row[name + ":sent"] = log.bytes()
+            row[name + ":messages"] = log.count()
+        out.append(row)
+    return out
+
+
+def _bound(xs: torch.Tensor, n: int) -> torch.Tensor:
+    """|sum error| after n-1 roundings, each at most u x |partial sum| <= u x sum|x_i|, plus one
+    for converting the exact sum back to the dtype."""
+    return n * UNIT_ROUNDOFF[xs.dtype] * xs.double().abs().sum(0) * 1.01
+
+
+def _worker():
+    return {"all_reduce": _all_reduce_worker(), "rs_ag": _rs_ag_worker()}
+
+
+@pytest.fixture(scope="module", params=[2, 3, 4])
+def ranks(request):
+    """(n, each rank's results): one spawn per world size serves every test below (starting
+    ranks costs seconds; the cases cost milliseconds)."""
+    n = request.param
+    return n, launch.spawn(_worker, n, timeout_s=300)
+
+
+def test_all_reduce_matches_gloo_and_float64(ranks):
+    n, res = ranks
+    res = [r["all_reduce"] for r in res]
+    for case, (shape, dtype, _) in enumerate(_cases()):
+        xs = torch.stack([r[case]["x"] for r in res])
+        ref, bound = xs.double().sum(0), _bound(xs, n)
+        gloo_err = (res[0][case]["gloo"].double() - ref).abs()
+        assert (gloo_err <= bound).all(), "the bound must hold for gloo too"
+        for name in ALL_REDUCE:
+            outs = [r[case][name] for r in res]
+            for rank, o in enumerate(outs):
+                assert o.dtype == dtype and o.shape == shape
+                err = (o.double() - ref).abs()
+                assert (err <= bound).all(), (name, n, shape, dtype, rank, err.max().item())
+                # every rank must hold the same bits: the sum was computed once per chunk
+                assert torch.equal(o, outs[0]), (name, rank)
+                sent, messages = SENT[name](xs[0].numel(), n, rank, xs.element_size())
+                assert res[rank][case][name + ":sent"] == sent, (name, n, shape, rank)
+                assert res[rank][case][name + ":messages"] == messages
+
+
+def _rs_ag_worker():
+    rank, n = dist.get_rank(), dist.get_world_size()
+    # input_list[j] holds j+1 elements: chunks differ per rank, the first is one element
+    inputs = [_inputs(rank, (j + 1,), torch.float32, j) for j in range(n)]
+    out = torch.full((rank + 1,), float("nan"))
+    with comm_log.recording() as log:
+        collectives.ring_reduce_scatter(out, inputs)
+    rs_sent = log.bytes()
+    mine = _inputs(rank, (3, 5), torch.float16, 99)
+    gathered = [torch.full((3, 5), float("nan"), dtype=torch.float16) for _ in range(n)]
+    with comm_log.recording() as log:
+        collectives.ring_all_gather(gathered, mine)
+    return {"inputs": inputs, "rs": out, "rs_sent": rs_sent, "mine": mine,
+            "ag": gathered, "ag_sent": log.bytes(), "ag_received": log.bytes(received=True)}
+
+
+def test_reduce_scatter_and_all_gather(ranks):
+    n, res = ranks
+    res = [r["rs_ag"] for r in res]
+    for rank, r in enumerate(res):
+        ref = sum(res[j]["inputs"][rank].double() for j in range(n))
+        assert r["rs"].shape == (rank + 1,)
+        assert ((r["rs"].double() - ref).abs() <= _bound(
+            torch.stack([res[j]["inputs"][rank] for j in range(n)]), n)).all()
+        # every chunk but my own leaves me once, forwarded along the ring
+        assert r["rs_sent"] == 4 * sum(j + 1 for j in range(n) if j != rank)
+        for j in range(n):  # all-gather copies bits: exact
+            assert torch.equal(r["ag"][j], res[j]["mine"])
+        assert r["ag_sent"] == r["ag_received"] == (n - 1) * 15 * 2
+
+
+def _raise_mid_ring():
+    if dist.get_rank() == 1:
+        raise ValueError("rank 1 gave up")
+    collectives.ring_all_reduce(torch.ones(10))
+
+
+def _hang_mid_ring():
+    if dist.get_rank() == 1:
+        time.sleep(600)
+    launch.TIMEOUT_S = 2.0  # this rank's waits (comm_log reads it at each call)
+    collectives.ring_all_reduce(torch.ones(10))
+
+
+def test_a_failing_rank_ends_the_ring_with_its_error():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 failed first(.|\n)*rank 1 gave up"):
+        launch.spawn(_raise_mid_ring, 2, timeout_s=120)
+    assert time.monotonic() - start < 100  # ended by the failure, not the deadline
+
+
+def test_a_hung_rank_times_out_its_peers():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="failed first(.|\n)*TimeoutError"):
+        launch.spawn(_hang_mid_ring, 2, timeout_s=120)
+    assert time.monotonic() - start < 100
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="t must be a torch.Tensor"):
+        collectives.ring_all_reduce([1.0, 2.0])
+    with pytest.raises(TypeError, match="floating point"):
+        collectives.ring_all_reduce(torch.ones(3, dtype=torch.int64))
