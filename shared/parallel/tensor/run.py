@@ -69,11 +69,12 @@ def proof_job(batch: int, seq: int, seed: int, *, fail_rank: int = -1) -> Proof:
     return Proof(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), fail_rank)
 
 
-def single_process(job: Proof, weights: dict) -> dict:
-    """The reference: the whole model in one process, mean cross-entropy, every gradient."""
-    model = build(weights)
+def single_process(job: Proof, weights: dict, dtype: torch.dtype = torch.float32) -> dict:
+    """The reference: the whole model in one process (in `dtype`: float64 gives the exact
+    answer both fp32 runs are judged against), mean cross-entropy, every gradient."""
+    model = build(weights).to(dtype)
     logits = model(job.tokens)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), job.targets.flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1), job.targets.flatten())
     loss.backward()
     return {"loss": loss.item(), "logits": logits.detach(),
             "grads": {n: p.grad for n, p in model.named_parameters()}}
