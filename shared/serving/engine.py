@@ -44,18 +44,24 @@ class TokenEvent:
 
 class Engine:
     def __init__(self, model: Llama, config: SchedulerConfig | None = None, *,
-                 clock: str = "steps", impl: str | None = None):
+                 clock: str = "steps", impl: str | None = None,
+                 history_limit: int | None = None):
         if not isinstance(model, Llama):
             raise TypeError(f"model must be a shared.models.Llama, got {type(model).__name__}")
         if clock not in ("steps", "wall"):
             raise ValueError(f"clock must be 'steps' or 'wall', got {clock!r}")
+        if history_limit is not None and (isinstance(history_limit, bool)
+                                          or not isinstance(history_limit, int)
+                                          or history_limit < 1):
+            raise ValueError(f"history_limit must be None or an int >= 1, got {history_limit!r}")
         self.model, self.config = model, config or SchedulerConfig()
         self.scheduler = Scheduler(self.config)
         self.pool = KVPool(model, self.scheduler.manager)   # one allocator: the scheduler's
         self.impl, self.clock = impl, clock
         self.pending: list[Request] = []     # added, not yet arrived (arrival > now)
         self.requests: dict[object, Request] = {}
-        self.history: list[Step] = []
+        self.history: list[Step] = []       # the last history_limit steps (None: all)
+        self.history_limit = history_limit
         self._t0, self._steps, self._ids = time.perf_counter(), 0.0, itertools.count()
         self._generator = torch.Generator(model.lm_head.weight.device).manual_seed(0)
 
@@ -146,6 +152,8 @@ class Engine:
             if r.finished:
                 self.scheduler.finish(r)
         self.history.append(step)
+        if self.history_limit is not None and len(self.history) > 2 * self.history_limit:
+            del self.history[:-self.history_limit]     # amortised: trim in halves
         return step
 
     def idle_until(self, t: float) -> None:
@@ -162,7 +170,8 @@ class Engine:
         for i, (prompt, params, arrival) in enumerate(trace):
             self.add_request(prompt, params, request_id=i, arrival=arrival,
                              on_token=lambda r, t: events.append(TokenEvent(
-                                 r.request_id, t, len(self.history), self.now, r.finished)))
+                                 r.request_id, t, self.scheduler.steps - 1, self.now,
+                                 r.finished)))
         while self.has_unfinished():
             if self.step() is None:
                 self.idle_until(min(r.arrival for r in self.pending))

@@ -58,6 +58,7 @@ class Step:
 
     index: int
     items: list[tuple[Request, int, str]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)   # each item's first position
     preempted: list[object] = field(default_factory=list)
     evicted_blocks: int = 0
     cached_tokens: int = 0          # prompt tokens admissions found in the prefix cache
@@ -75,6 +76,17 @@ class Step:
     @property
     def prefill_tokens(self) -> int:
         return sum(n for _, n, kind in self.items if kind == "prefill")
+
+    @property
+    def kv_tokens(self) -> int:
+        """Keys and values the step's attention reads: each row's context after its tokens."""
+        return sum(s + n for s, (_, n, _) in zip(self.starts, self.items, strict=True))
+
+    @property
+    def attention_pairs(self) -> int:
+        """(query, key) pairs under the causal mask: n·start + n(n+1)/2 per row."""
+        return sum(n * s + n * (n + 1) // 2
+                   for s, (_, n, _) in zip(self.starts, self.items, strict=True))
 
     @property
     def kv_utilisation(self) -> float:
@@ -129,6 +141,7 @@ class Scheduler:
                 if r.status is not Status.RUNNING:
                     break
             if r.status is Status.RUNNING:
+                step.starts.append(r.num_computed)
                 self._reserve(r, 1)
                 step.items.append((r, 1, "decode"))
                 budget -= 1
@@ -162,6 +175,7 @@ class Scheduler:
         if not self._make_room(r, n, step):
             n = min(n, self.manager.room(id(r)))
         if n > 0:
+            step.starts.append(r.num_computed)
             self._reserve(r, n)
             step.items.append((r, n, "prefill"))
         return budget - n

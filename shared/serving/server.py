@@ -44,6 +44,10 @@ DEFAULT_CONFIG = SchedulerConfig(num_blocks=256, block_size=16, token_budget=128
                                  max_num_seqs=32)
 
 
+# Steps kept in engine.history for inspection: a server runs forever, its history must not grow.
+HISTORY_STEPS = 4096
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None):
@@ -185,7 +189,8 @@ def sampling_params(body, max_tokens: int) -> SamplingParams:
 
 
 def create_app(model: Llama, model_name: str, config: SchedulerConfig | None = None) -> FastAPI:
-    server = EngineServer(Engine(model, config or DEFAULT_CONFIG, clock="wall"))
+    server = EngineServer(Engine(model, config or DEFAULT_CONFIG, clock="wall",
+                                 history_limit=HISTORY_STEPS))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
