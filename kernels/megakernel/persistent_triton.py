@@ -117,4 +117,4 @@ def launch(tables: dict, state: dict, *, queue: torch.Tensor, qstart: torch.Tens
         epoch, max_spins, s["batch"], s["head_dim"], s["eps"], s["sm_scale"],
         BLOCK_B=BLOCK_B, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
         BLOCK_G=blocks["BLOCK_G"], BLOCK_S=blocks["BLOCK_S"], BLOCK_D=blocks["BLOCK_D"],
-        num_warps=4)
+        num_warps=8, num_stages=2)   # no spills on sm_80/sm_90 (kclub compile)

@@ -177,7 +177,7 @@ def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr)
     rows = tl.arange(0, BLOCK_B)
     r_ok = rows < batch
     best = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK_B], tl.int32)
+    best_i = tl.zeros([BLOCK_B], tl.int64)   # vocab comes from the int64 table
     for v0 in range(0, vocab, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         m = r_ok[:, None] & (cols < vocab)[None, :]
@@ -188,4 +188,4 @@ def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr)
         better = tile_max > best            # strictly: an earlier tile keeps its tie
         best_i = tl.where(better, first, best_i)
         best = tl.where(better, tile_max, best)
-    tl.store(OUT + rows, best_i.to(tl.int64), mask=r_ok)
+    tl.store(OUT + rows, best_i, mask=r_ok)

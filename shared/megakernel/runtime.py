@@ -73,9 +73,9 @@ class MegakernelDecoder:
                       "batch": batch, "head_dim": c.head_dim, "eps": c.norm_eps,
                       "sm_scale": c.head_dim ** -0.5}
         # The interpreter pays per instruction, not per element: wide K tiles there; 64 on a GPU
-        # (what kclub compile checks for spills).
+        # (what kclub compile checks for spills). 32 keys per attention tile: 64 spills at d=128.
         self.blocks = {"BLOCK_N": tile, "BLOCK_K": 128 if INTERPRET else 64,
-                       "BLOCK_G": _pow2(c.n_heads // c.n_kv_heads), "BLOCK_S": 64,
+                       "BLOCK_G": _pow2(c.n_heads // c.n_kv_heads), "BLOCK_S": 32,
                        "BLOCK_D": _pow2(c.head_dim)}
         self.epoch = 0
         self.launches = 0   # kernel launches so far (counted calls)
