@@ -5,8 +5,9 @@ dequantize-then-matmul reference that specifies them.
 """
 
 from kernels.quant.formats import FORMATS, NF4_CODE, QuantizedWeight, quantize
+from kernels.quant.matmul_pallas import quantized_matmul_pallas
 from kernels.quant.matmul_triton import quantized_matmul
 from kernels.quant.reference import quantized_matmul_reference
 
 __all__ = ["FORMATS", "NF4_CODE", "QuantizedWeight", "quantize", "quantized_matmul",
-           "quantized_matmul_reference"]
+           "quantized_matmul_pallas", "quantized_matmul_reference"]
