@@ -2,13 +2,16 @@
 logits, every gradient) at p = 2 and 4, with Megatron's all-reduce count; column layers are
 exact; bad input is refused; a failing rank ends the run."""
 
+import dataclasses
 import time
 
 import pytest
 import torch
 from torch import nn
 
+from shared.benchmarks import tensor_parallel as bench
 from shared.check import assert_close, fresh_seed, rel_error, tolerance
+from shared.models.llama import LlamaConfig
 from shared.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TPComm, run
 from shared.parallel.tensor.model import head_split
 
@@ -95,19 +98,32 @@ def test_tp2_and_tp4_equal_the_single_process_model(weights):
     ref64 = run.single_process(job, weights, torch.float64)
     n_layers = weights["config"].n_layers
     by_p = {}
-    for p in (2, 4):
-        ranks = [jobs[0] for jobs in run.launch([job], p, weights, timeout_s=240)]
+    jobs = [dataclasses.replace(job, tp=2), job,  # TP=2 twice (two groups) and TP=4, 4 ranks
+            run.Timing(LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                                   ffn_dim=96, max_seq_len=32), batch=2, seq=16, slot_s=None,
+                       rounds=2, tp=2)]
+    results = run.launch(jobs, 4, weights, timeout_s=240)
+    timing = results[2]
+    assert len(timing) == 2 and all(len(r["times"]) == 2 for r in timing)
+    for p, ranks in ((2, results[0]), (4, results[1])):
         _check(ranks, ref, p, n_layers)
         by_p[p] = ranks
+        # Megatron's volume: each block's 4 all-reduces move [b, s, h] fp32 each.
+        block_bytes = ranks[0]["forward"].bytes("all_reduce") + ranks[0]["backward"].bytes(
+            "all_reduce") - 2 * job.tokens.numel() * 4 * weights["config"].dim - 3 * 4 * \
+            job.tokens.numel()  # minus the embedding's g, the lm_head's f, the loss's 3
+        assert block_bytes == n_layers * bench.layer_allreduce_bytes(
+            *job.tokens.shape, weights["config"].dim)
         # TP's error against float64 is fp32 rounding, like the single process's own.
         assert rel_error(ranks[0]["logits"], ref64["logits"]) < 10 * max(
             rel_error(ref["logits"], ref64["logits"]), 1e-7)
     one = run.in_process([job], weights)[0]
     assert torch.equal(one["logits"], ref["logits"]), "TP=1 is the model itself"
-    # Per-rank parameter bytes: the blocks and the vocabulary split p ways, the norms not.
-    for p in (2, 4):
-        share = by_p[p][0]["param_bytes"] / one["param_bytes"]
-        assert 1 / p < share < 1 / p + 0.1, (p, share)
+    # Per-rank parameter bytes: the blocks and the vocabulary split p ways, the norms not,
+    # k/v rows replicated at p = 4 > n_kv_heads = 2: the formula counts each tensor.
+    for p, ranks in ((1, [one]), *by_p.items()):
+        for r in ranks:
+            assert r["param_bytes"] == bench.param_bytes_predicted(weights["config"], p), p
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(weights):
@@ -116,3 +132,15 @@ def test_a_failing_rank_ends_the_run_with_its_error(weights):
     with pytest.raises(RuntimeError, match="rank 1 fails on purpose"):
         run.launch([job], 2, weights, timeout_s=120)
     assert time.monotonic() - start < 120
+
+
+def test_weak_scaling_model_calibrated_at_8_way_reproduces_the_anchor_and_falls_with_p():
+    k = bench.calibrate(bench.MEGATRON_WEAK[-1], 0.77, bench.V100)
+    effs = [bench.weak_scaling_predicted(s, peak=bench.V100["peak"],
+                                         fraction=bench.BASELINE_FRACTION,
+                                         link_bw=bench.V100["link_bw"], comm_scale=k)["efficiency"]
+            for s in bench.MEGATRON_WEAK]
+    assert effs[0] == 1.0 and abs(effs[-1] - 0.77) < 1e-12
+    assert all(a > b for a, b in zip(effs, effs[1:], strict=False))
+    # ring all-reduce: 2(p-1) latencies, 2(p-1)/p of the bytes
+    assert bench.ring_allreduce_s(8e6, 4, 1e-5, 1e9) == pytest.approx(6e-5 + 1.5 * 8e-3)

@@ -43,9 +43,14 @@ class Pacer:
     slot_s: float
     backward: bool = False
     last_end: float = field(default_factory=time.perf_counter)
+    segments: int = 0
+    overruns: int = 0  # segments whose real arithmetic outlasted the slot by > 20%
 
     def before(self) -> None:
-        until = self.last_end + self.slot_s * (2 if self.backward else 1)
+        slot = self.slot_s * (2 if self.backward else 1)
+        until = self.last_end + slot
+        self.segments += 1
+        self.overruns += time.perf_counter() > self.last_end + 1.2 * slot
         while (left := until - time.perf_counter()) > 0:
             time.sleep(left)
 

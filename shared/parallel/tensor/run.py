@@ -33,6 +33,7 @@ from shared.parallel.tensor.model import TPBlock, TPLlama
 class Proof:
     tokens: torch.Tensor   # [batch, seq] int64, the same on every rank
     targets: torch.Tensor  # [batch, seq]: tokens shifted by one
+    tp: int | None = None  # tensor-parallel size (None: every rank); groups of consecutive ranks
     fail_rank: int = -1    # a rank that raises on purpose (to prove a failure ends the run)
 
 
@@ -43,6 +44,7 @@ class Timing:
     seq: int = 64
     slot_s: float | None = 0.02   # emulated compute per segment (None: real compute)
     rounds: int = 5
+    tp: int | None = None         # only the first group of this size runs; the others wait
 
 
 def target_weights() -> dict:
@@ -60,13 +62,14 @@ def build(weights: dict) -> Llama:
     return model
 
 
-def proof_job(batch: int, seq: int, seed: int, *, fail_rank: int = -1) -> Proof:
+def proof_job(batch: int, seq: int, seed: int, *, tp: int | None = None,
+              fail_rank: int = -1) -> Proof:
     """`batch` windows of `seq` + 1 held-out bytes at seeded offsets: tokens and targets."""
     val = zoo.held_out_tokens("target")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(val) - seq - 1, (batch,), generator=gen)
     rows = torch.stack([val[s:s + seq + 1] for s in starts.tolist()])
-    return Proof(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), fail_rank)
+    return Proof(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), tp, fail_rank)
 
 
 def single_process(job: Proof, weights: dict, dtype: torch.dtype = torch.float32) -> dict:
@@ -115,6 +118,15 @@ def timing_stack(job: Timing, comm: TPComm) -> tuple[list[TPBlock], torch.Tensor
 
 
 def _timing(job: Timing, comm: TPComm) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every p alike: one thread per rank (p = 1 runs in the parent)
+    try:
+        return _time_steps(job, comm)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _time_steps(job: Timing, comm: TPComm) -> dict:
     blocks, x0, dy = timing_stack(job, comm)
     positions = torch.arange(job.seq).expand(job.batch, job.seq)
     pacer = Pacer(job.slot_s) if job.slot_s else None
@@ -123,7 +135,7 @@ def _timing(job: Timing, comm: TPComm) -> dict:
     def step() -> float:
         x = x0.clone().requires_grad_(True)
         if comm.world > 1:
-            dist.barrier()
+            dist.barrier(group=comm.group)
         t0 = time.perf_counter()
         if pacer:
             pacer.backward = False
@@ -137,19 +149,22 @@ def _timing(job: Timing, comm: TPComm) -> dict:
         return time.perf_counter() - t0
 
     step()  # warm-up
+    if pacer:
+        pacer.segments = pacer.overruns = 0
     times = [step() for _ in range(job.rounds)]
     comm.pacer = None
+    overrun = pacer.overruns / pacer.segments if pacer else 0.0
     # The all-reduce alone, at one block's message size ([b, s, h] fp32), for the alpha-beta fit.
     ar = []
     for n in (job.batch * job.seq * job.config.dim, 1):
         buf = torch.randn(n)
-        for _ in range(job.rounds + 1):
+        for _ in range(2 * job.rounds + 1):
             if comm.world > 1:
-                dist.barrier()
+                dist.barrier(group=comm.group)
             t0 = time.perf_counter()
             comm.all_reduce(buf)
             ar.append((4 * n, time.perf_counter() - t0))
-    return {"times": times, "allreduce": ar}
+    return {"times": times, "allreduce": ar, "overrun": overrun}
 
 
 def _run(jobs: list, weights: dict | None, comm: TPComm) -> list[dict]:
@@ -157,16 +172,41 @@ def _run(jobs: list, weights: dict | None, comm: TPComm) -> list[dict]:
             for j in jobs]
 
 
-def worker(jobs: list, weights: dict | None) -> list[dict]:
-    """One rank: every job in order (runs inside the process group spawn or torchrun set up)."""
-    return _run(jobs, weights, TPComm.from_default_group())
+def tp_groups(tp: int) -> TPComm:
+    """This rank's TPComm for groups of `tp` consecutive ranks (the whole world: the default
+    group). Every rank creates every group, in the same order, as dist.new_group requires."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp={tp} must divide the world size {world}")
+    if tp == world:
+        return TPComm.from_default_group()
+    groups = [dist.new_group(list(range(g * tp, (g + 1) * tp))) for g in range(world // tp)]
+    return TPComm(rank % tp, tp, group=groups[rank // tp])
+
+
+def worker(jobs: list, weights: dict | None) -> list[dict | None]:
+    """One rank: every job in order (runs inside the process group spawn or torchrun set up).
+    A job with `tp` smaller than the world runs on groups of tp ranks: a proof on every group
+    (data-parallel replicas), a timing on the first group only, the other ranks waiting."""
+    world, comms, out = dist.get_world_size(), {}, []
+    for job in jobs:
+        tp = job.tp or world
+        if tp not in comms:
+            comms[tp] = tp_groups(tp)
+        first = dist.get_rank() < tp
+        out.append(_run([job], weights, comms[tp])[0]
+                   if isinstance(job, Proof) or first else None)
+        dist.barrier()  # one job at a time on every rank (timings see no other job)
+    return out
 
 
 def launch(jobs: list, world: int, weights: dict | None = None, *,
            timeout_s: float = 300.0) -> list[list[dict]]:
-    """Each rank's results (rank-major); a failing rank raises RuntimeError with its error.
-    `weights` (target_weights()) is needed by Proof jobs."""
-    return spawn(worker, world, jobs, weights, timeout_s=timeout_s)
+    """Per job, the results of its first tensor-parallel group's ranks, in rank order; a
+    failing rank raises RuntimeError with its error. Proof jobs need `weights`
+    (target_weights())."""
+    per_rank = spawn(worker, world, jobs, weights, timeout_s=timeout_s)
+    return [[per_rank[r][j] for r in range(job.tp or world)] for j, job in enumerate(jobs)]
 
 
 def in_process(jobs: list, weights: dict | None = None) -> list[dict]:
