@@ -13,9 +13,30 @@ WORKERS ?= 2
 
 setup: $(STAMP)
 
+# Before building .venv: Python must be 3.11 or newer and able to make a venv with pip. A .venv
+# that has no pip, or was made by an older Python, is half-made: removed, never reused.
+NEED_PY := import sys; sys.exit(sys.version_info < (3, 11))
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c '$(NEED_PY)' 2>/dev/null || { \
+	  echo "kernel-club needs Python 3.11 or newer; '$(PYTHON)' is: $$($(PYTHON) -V 2>&1)."; \
+	  echo "Install one (Debian/Ubuntu: apt install python3.11 python3.11-venv; macOS: brew"; \
+	  echo "install python@3.11) and run: make PYTHON=python3.11 setup"; exit 2; }
+	@if [ -d $(VENV) ] && ! { $(BIN)/python -c '$(NEED_PY)' && $(BIN)/python -m pip --version; \
+	  } >/dev/null 2>&1; then echo "removing a half-made $(VENV)"; rm -rf $(VENV); fi
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "'$(PYTHON) -m venv' failed: install the venv module (apt install python3.11-venv)"; \
+	  exit 2; }
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); \
+	  echo "the new $(VENV) has no pip: install python3-venv / ensurepip for $(PYTHON)"; exit 2; }
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# the labs' kernel: a named kernelspec inside .venv, which a user-level "python3" cannot shadow
+	$(BIN)/python -m ipykernel install --sys-prefix --name kernel-club \
+	  --display-name "Kernel Club (.venv)" >/dev/null
+	@# the browser test drives Debian's chromium (playwright cannot download browsers here)
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && \
+	   apt-get install -y -q chromium >/dev/null)); } || \
+	  echo "note: no chromium, so tests/test_browser.py will fail: install Debian's chromium"
 	@touch $(STAMP)
 
 # Unit tests spread over the cores; then the labs one at a time, so the wall-clock claims they

@@ -34,7 +34,7 @@ def cmd_run(args) -> int:
     lab = labs.get(args.slug)
     out_dir = lab_build_dir(lab.slug)
     nb = nbformat.read(lab.notebook, as_version=4)
-    client = NotebookClient(nb, timeout=args.cell_timeout, kernel_name="python3",
+    client = NotebookClient(nb, timeout=args.cell_timeout, kernel_name=lab_kernel(),
                             resources={"metadata": {"path": str(lab.notebook.parent)}})
     code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     failed, t0 = None, time.perf_counter()
@@ -65,11 +65,30 @@ def cmd_run(args) -> int:
     return 0
 
 
-def lab_server_argv(port: int = 8888) -> list[str]:
-    """JupyterLab on labs/, on localhost only, with Jupyter's token on (its default)."""
-    from shared.paths import LABS
+KERNEL = "kernel-club"   # the kernelspec `make setup` installs inside .venv
 
-    argv = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={LABS}",
+
+def lab_kernel() -> str:
+    """The labs' kernel: the project's own kernelspec, never a bare "python3" (a user-level
+    kernel of that name can shadow this environment's)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        raise SystemExit(f"kclub: no '{KERNEL}' Jupyter kernel: `make setup` installs it "
+                         f"(python -m ipykernel install --sys-prefix --name {KERNEL})") from None
+    return KERNEL
+
+
+def lab_server_argv(port: int = 8888) -> list[str]:
+    """JupyterLab served from the repository root (so a lab's links to ../papers/ and the
+    shared/ files its exercises edit open), the browser opening on labs/; localhost only, with
+    Jupyter's token on (its default)."""
+    from shared.paths import ROOT
+
+    argv = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={ROOT}",
+            "--ServerApp.default_url=/lab/tree/labs",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--no-browser"]
     if os.geteuid() == 0:  # containers often run as root; Jupyter refuses without this
         argv.append("--allow-root")

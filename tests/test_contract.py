@@ -68,6 +68,8 @@ def test_notebook_as_committed(slug):
     raw = committed_text(path)
     nb = json.loads(raw)
     assert not re.search(r"/(work|home|root|Users|tmp)/", raw), "stored output holds a path"
+    assert nb["metadata"]["kernelspec"]["name"] == "kernel-club", \
+        "the lab's kernel is the project's kernelspec (make setup installs it), not python3"
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", "".join(code[0]["source"]), re.M)
     assert "kernels" in imports and set(imports[:imports.index("kernels")]) <= {"os"}, \
