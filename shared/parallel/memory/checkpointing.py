@@ -20,6 +20,7 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SCHEDULES = ("none", "per-layer", "sqrt")
@@ -119,3 +120,15 @@ class _Held:
     def __init__(self, t, counter: SavedBytes, key: int, nbytes: int):
         self.t = t
         weakref.finalize(self, counter._release, key, nbytes)
+
+
+def llama_step(model, tokens: torch.Tensor, schedule: str) -> tuple[torch.Tensor, SavedBytes]:
+    """One forward and backward of a shared.models.llama.Llama on next-token targets (tokens
+    predict themselves shifted by one), its blocks run under `schedule`; gradients accumulate
+    in the parameters. Returns the loss and the saved-bytes counter of the step."""
+    with SavedBytes(list(model.parameters())) as saved:
+        h = run(model.layers, model.embed(tokens[:, :-1]), schedule)
+        logits = model.lm_head(model.norm(h))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss.backward()
+    return loss.detach(), saved

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from shared.parallel import comm_log
+from shared.parallel.collectives.ring import ring_reduce_scatter
 from shared.parallel.zero.comm import CommThread
 from shared.parallel.zero.engine import ZeroEngine
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
@@ -27,18 +28,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class Job:
     stage: int                     # 0 = DDP, 1-3 = ZeRO stage (ignored by "fsdp2")
-    runtime: str = "ours"          # "ours" or "fsdp2" (torch.distributed.fsdp.fully_shard)
+    runtime: str = "ours"          # "ours", "fsdp2" (torch's fully_shard) or "collectives"
     steps: int = 3
     local_batch: int = 2           # sequences per rank per step (weak scaling: fixed)
     dtype: str = "fp32"            # compute dtype; masters are fp32
     impl: str = "gloo"             # collectives: "ring" (send/recv) or "gloo"
     prefetch: bool = True          # ZeRO-3: gather the next unit before this one computes
+    alternate: bool = False        # ZeRO-3: prefetch on even steps only (paired rounds)
     slot_s: float | None = None    # emulated compute per block (engine.py); None: real
     params: bool = False           # return the final parameters
     lr: float = 1e-2
     world: int | None = None       # Nd: the job runs on ranks 0..world-1 (None: all of them)
     fail_at: int | None = None     # fault injection: rank 1 raises at this step
     label: str = ""
+    numel: int = 0                 # "collectives": fp32 elements per timed buffer
 
 
 def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
@@ -54,6 +57,8 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
         rows = slice(rank * job.local_batch, (rank + 1) * job.local_batch)
         engine.spans.clear(), comm.spans.clear(), engine.memory.clear()
         dist.barrier(group)
+        if job.alternate:
+            engine.prefetch = step % 2 == 0
         if job.fail_at == step and rank == 1:
             raise RuntimeError(f"injected failure on rank 1 at step {step}")
         with comm_log.recording() as log:
@@ -106,6 +111,32 @@ def run_fsdp2(spec: ModelSpec, job: Job, group=None) -> dict:
     return out
 
 
+def run_collectives(spec: ModelSpec, job: Job, group=None) -> dict:
+    """Time reduce-scatters of one buffer of `job.numel` fp32 elements: our ring, gloo's
+    reduce_scatter_single, and gloo's all-reduce of the same buffer, interleaved round by round
+    (`job.steps` rounds after a warm-up), each round's time the slowest rank's."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    flat = torch.randn(job.numel, generator=torch.Generator().manual_seed(rank))
+    out = torch.empty(job.numel // world)
+    ops = {"ring reduce-scatter": lambda: ring_reduce_scatter(out, list(flat.chunk(world)),
+                                                              group),
+           "gloo reduce-scatter": lambda: dist.reduce_scatter_single(out, flat, group=group),
+           "gloo all-reduce": lambda: dist.all_reduce(flat.clone(), group=group)}
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for r in range(job.steps + 1):
+        for name, op in ops.items():
+            dist.barrier(group)
+            t0 = time.perf_counter()
+            op()
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+            if r:  # round 0 warms up
+                times[name].append(float(t))
+    with comm_log.recording() as log:
+        ring_reduce_scatter(out, list(flat.chunk(world)), group)
+    return {"times": times, "ring_sent": log.bytes()}
+
+
 def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
     """Every job on this rank, in order (what launch.spawn runs). A job on Nd < world ranks
     runs in a subgroup of ranks 0..Nd-1; the other ranks skip it (None)."""
@@ -115,7 +146,7 @@ def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
         raise ValueError(f"a job asks for world={sizes[-1]} ranks; the run has {world}")
     # every rank creates every group, in the same order (new_group is collective)
     groups = {n: None if n == world else dist.new_group(list(range(n))) for n in sizes}
-    runners = {"ours": run_job, "fsdp2": run_fsdp2}
+    runners = {"ours": run_job, "fsdp2": run_fsdp2, "collectives": run_collectives}
     return [runners[job.runtime](spec, job, groups[job.world or world])
             if rank < (job.world or world) else None for job in jobs]
 
