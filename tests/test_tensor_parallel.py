@@ -109,11 +109,14 @@ def test_tp2_and_tp4_equal_the_single_process_model(weights):
         _check(ranks, ref, p, n_layers)
         by_p[p] = ranks
         # Megatron's volume: each block's 4 all-reduces move [b, s, h] fp32 each.
-        block_bytes = ranks[0]["forward"].bytes("all_reduce") + ranks[0]["backward"].bytes(
-            "all_reduce") - 2 * job.tokens.numel() * 4 * weights["config"].dim - 3 * 4 * \
-            job.tokens.numel()  # minus the embedding's g, the lm_head's f, the loss's 3
+        fwd, bwd = ranks[0]["forward"], ranks[0]["backward"]
+        block_bytes = bench.payload_bytes(fwd) + bench.payload_bytes(bwd) \
+            - 2 * job.tokens.numel() * 4 * weights["config"].dim - 3 * 4 * job.tokens.numel()
+        # (minus the embedding's g, the lm_head's f, the loss's 3 numbers per token)
         assert block_bytes == n_layers * bench.layer_allreduce_bytes(
             *job.tokens.shape, weights["config"].dim)
+        wire = fwd.bytes("all_reduce") / bench.payload_bytes(fwd)  # ring: 2(p-1)/p
+        assert abs(wire - 2 * (p - 1) / p) < 1e-3, wire
         # TP's error against float64 is fp32 rounding, like the single process's own.
         assert rel_error(ranks[0]["logits"], ref64["logits"]) < 10 * max(
             rel_error(ref["logits"], ref64["logits"]), 1e-7)

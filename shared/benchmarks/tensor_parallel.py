@@ -77,6 +77,12 @@ def layer_allreduce_bytes(batch: int, seq: int, dim: int, itemsize: int = 4) -> 
     return 4 * batch * seq * dim * itemsize
 
 
+def payload_bytes(log, op: str = "all_reduce") -> int:
+    """Bytes of the tensors handed to `op` in a comm_log (nccl-tests' "size"), as Megatron
+    counts them; `log.bytes(op)` is what a ring moves per rank, 2(p-1)/p of it."""
+    return sum(r.payload for r in log.records if r.op == op)
+
+
 def ring_allreduce_s(nbytes: float, p: int, alpha_s: float, bw: float) -> float:
     """α-β time of a ring all-reduce: 2(p-1) steps, each sending n/p bytes per rank."""
     return 0.0 if p == 1 else 2 * (p - 1) * alpha_s + 2 * (p - 1) / p * nbytes / bw

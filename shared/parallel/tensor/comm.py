@@ -7,31 +7,20 @@ the forward: each rank holds a partial sum of the product; identity in the backw
 gradient of a sum reaches every summand unchanged). One attention block or MLP is
 ``f -> column -> local op -> row -> g``: one all-reduce forward, one backward.
 
-Every all-reduce goes through `TPComm.all_reduce`, which logs it and, for emulated timing on a
-CPU, pads the compute before it to a fixed slot (`Pacer`). Both travel in the TPComm object the
-layers hold: nothing is read from a global.
+Every all-reduce goes through `TPComm.all_reduce`: shared.parallel.comm_log logs it (count it
+with ``with comm_log.recording() as log``) and, for emulated timing on a CPU, a `Pacer` pads the
+compute before it to a fixed slot. The pacer travels in the TPComm object the layers hold.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class CommLog:
-    """Collectives in issue order: (name, payload bytes per rank)."""
-    calls: list[tuple[str, int]] = field(default_factory=list)
-
-    def count(self, name: str) -> int:
-        return sum(n == name for n, _ in self.calls)
-
-    def bytes(self, name: str) -> int:
-        return sum(b for n, b in self.calls if n == name)
+from shared.parallel import comm_log
 
 
 @dataclass
@@ -61,11 +50,10 @@ class Pacer:
 @dataclass
 class TPComm:
     """A tensor-parallel group: this rank's index, the group size, the process group (None =
-    the default one), an optional log and an optional pacer."""
+    the default one) and an optional pacer."""
     rank: int
     world: int
     group: object = None
-    log: CommLog | None = None
     pacer: Pacer | None = None
 
     def __post_init__(self) -> None:
@@ -86,9 +74,7 @@ class TPComm:
         if self.pacer is not None:
             self.pacer.before()
         if (self.world if group is None else size) > 1:
-            dist.all_reduce(t, op=op, group=self.group if group is None else group)
-            if self.log is not None:
-                self.log.calls.append(("all_reduce", t.numel() * t.element_size()))
+            comm_log.all_reduce(t, self.group if group is None else group, op=op)
         if self.pacer is not None:
             self.pacer.after()
         return t
@@ -99,19 +85,8 @@ class TPComm:
         if self.world == 1:
             return t
         parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        if self.log is not None:
-            self.log.calls.append(("all_gather", t.numel() * t.element_size()))
+        comm_log.all_gather(parts, t.contiguous(), self.group)
         return torch.cat(parts, dim=dim)
-
-    @contextmanager
-    def recording(self):
-        """`with comm.recording() as log:` logs every collective issued inside the block."""
-        before, self.log = self.log, CommLog()
-        try:
-            yield self.log
-        finally:
-            self.log = before
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -5,9 +5,10 @@ run time, a timeout on every collective and on the run, the first failing rank's
 raised in the parent) and runs every job in one process group, since starting processes costs
 more than the jobs here:
 - `Proof`: the shipped tiny Llama cut into p shards; one forward and backward on a batch of
-  held-out bytes, each phase under its own communication log; back come the loss, the gathered
-  logits, every local gradient with the slice of the full parameter it belongs to, the logs,
-  and the bytes this rank holds (parameters; activations saved for the backward).
+  held-out bytes, each phase under its own log (shared.parallel.comm_log); back come the
+  loss, the gathered logits, every local gradient with the slice of the full parameter it
+  belongs to, the logs, and the bytes this rank holds (parameters; activations saved for the
+  backward).
 - `Timing`: a stack of TP blocks, paced (comm.Pacer) on a CPU, step times in paired rounds,
   and the all-reduce alone at the block's message size.
 """
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from shared.models import zoo
 from shared.models.llama import Llama, LlamaConfig
+from shared.parallel import comm_log
 from shared.parallel.launch import spawn
 from shared.parallel.pipeline.runtime import _SavedBytes
 from shared.parallel.tensor.comm import Pacer, TPComm
@@ -94,12 +96,12 @@ def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
     model = TPLlama(build(weights), comm)  # the full model is dropped once it is cut
     tokens, targets = job.tokens, job.targets
     saved = _SavedBytes(list(model.parameters()))
-    with comm.recording() as fwd, torch.autograd.graph.saved_tensors_hooks(saved.pack,
-                                                                           lambda t: t):
+    with comm_log.recording() as fwd, torch.autograd.graph.saved_tensors_hooks(saved.pack,
+                                                                               lambda t: t):
         loss, logits = model.loss(tokens, targets)
-    with comm.recording() as bwd:
+    with comm_log.recording() as bwd:
         loss.backward()
-    with comm.recording() as sync:
+    with comm_log.recording() as sync:
         model.sync_replicated_grads()
     return {"loss": loss.item(), "logits": comm.all_gather(logits.detach()),
             "grads": {n: (p.shard, p.grad) for n, p in model.named_parameters()},
