@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.kernel-club-installed
 LAB    ?=
 # pytest workers: the machine has 2 cores; notebooks and test files are spread whole (loadfile)
 WORKERS ?= 2
+# One time limit per lab cell: nbval's, with pytest-timeout (which would kill the whole run) a
+# minute later, so a slow cell is reported by nbval, with its number, before anything is killed.
+CELL_TIMEOUT ?= 900
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
+	--timeout=$(shell echo $$(( $(CELL_TIMEOUT) + 60 )))
 
 .PHONY: setup test lint unit nbval lab run-lab list-labs bench claims compile models clean distclean
 .PHONY: gpu-check
@@ -44,7 +49,7 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest tests -n $(WORKERS) --dist loadfile --durations=10
-	$(BIN)/pytest labs --nbval-lax --nbval-current-env --nbval-cell-timeout=900 --durations=10
+	$(BIN)/pytest labs $(NBVAL) --durations=10
 	$(BIN)/kclub claims
 
 lint: setup
@@ -54,7 +59,7 @@ unit: setup
 	$(BIN)/pytest tests -n $(WORKERS) --dist loadfile
 
 nbval: setup
-	$(BIN)/pytest labs --nbval-lax --nbval-current-env --nbval-cell-timeout=900
+	$(BIN)/pytest labs $(NBVAL)
 
 lab: setup
 	$(BIN)/kclub lab

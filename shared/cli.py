@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from shared import claims, labs
+from shared import labs  # claims (and through it torch) load only where used: --help is quick
 from shared.paths import lab_build_dir
 
 
@@ -25,44 +25,84 @@ def cmd_list(_args) -> int:
 
 
 def cmd_run(args) -> int:
-    """Execute labs/<slug>.ipynb cell by cell into build/<slug>/; non-zero exit on failure."""
+    """Execute labs/<slug>.ipynb cell by cell into build/<slug>/; non-zero exit on failure.
+
+    Whatever stops the run (a failing cell, a cell past --cell-timeout, a dead kernel, Ctrl-C),
+    the partly executed notebook is saved and the cell is named. The lab's own progress bars
+    (tqdm writes to stderr) come through to this terminal as the cells run."""
     import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from tqdm import tqdm
+
+    from shared import claims
 
     lab = labs.get(args.slug)
     out_dir = lab_build_dir(lab.slug)
     nb = nbformat.read(lab.notebook, as_version=4)
-    client = NotebookClient(nb, timeout=args.cell_timeout, kernel_name=lab_kernel(),
-                            resources={"metadata": {"path": str(lab.notebook.parent)}})
+    client = _forwarding_client()(nb, timeout=args.cell_timeout, kernel_name=lab_kernel(),
+                                  resources={"metadata": {"path": str(lab.notebook.parent)}})
     code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    failed, t0 = None, time.perf_counter()
-    with client.setup_kernel():
-        for i, cell in tqdm(code, desc=lab.slug, unit="cell"):
-            try:
-                client.execute_cell(cell, i)
-            except CellExecutionError as e:
-                failed = (i, e)
-                break
+    before = claims.latest(lab.slug)
+    stopped, t0, bar = None, time.perf_counter(), None
+    try:
+        with client.setup_kernel():
+            bar = tqdm(code, desc=lab.slug, unit="cell")
+            for i, cell in bar:
+                try:
+                    client.execute_cell(cell, i)
+                except CellTimeoutError:
+                    stopped = (i, f"timed out after {args.cell_timeout} s (--cell-timeout)")
+                except DeadKernelError as e:
+                    stopped = (i, f"the kernel died: {e}")
+                except CellExecutionError as e:
+                    stopped = (i, f"raised:\n{e}")
+                except KeyboardInterrupt:
+                    stopped = (i, "interrupted (Ctrl-C)")
+                if stopped:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        executed = out_dir / f"{lab.slug}.ipynb"
+        nbformat.write(nb, executed)     # partly executed, if the run stopped early
     seconds = time.perf_counter() - t0
-    executed = out_dir / f"{lab.slug}.ipynb"
-    nbformat.write(nb, executed)
-    run = claims.latest(lab.slug)  # this run's claims, finished or not
-    print(f"\n{lab.title}: {len(code)} code cells in {seconds:.1f} s -> {executed}")
+    reached = sum(c.execution_count is not None for _, c in code)
+    print(f"\n{lab.title}: {reached} of {len(code)} code cells run in {seconds:.1f} s -> "
+          f"{executed}")
     figures = sorted(p.name for p in out_dir.glob("*.png"))
     print(f"figures: {', '.join(figures) or 'none'}")
-    if run:
+    run = claims.latest(lab.slug)
+    if run is None or (before is not None and run.run == before.run):
+        print("this run recorded no claims" + (f" (the last complete scoreboard, run {before.run}"
+              ", is unchanged)" if before is not None and before.complete else ""))
+    else:
         print(claims.table(run.claims))
         if not run.complete:
             print(f"claims run {run.run} did not finish (no rec.finish()): the last complete "
                   "scoreboard of this lab is kept")
-    if failed:
-        i, err = failed
-        print(f"\nFAILED at cell {i}:\n{err}", file=sys.stderr)
+    if stopped:
+        i, why = stopped
+        first = nb.cells[i].source.strip().splitlines()
+        print(f"\nSTOPPED at cell {i} ({first[0][:80] if first else 'empty'!r}): {why}\n"
+              f"the partly executed notebook is {executed}", file=sys.stderr)
         return 1
     print("PASSED")
     return 0
+
+
+def _forwarding_client():
+    """nbclient's NotebookClient, echoing the kernel's stderr stream (the lab's tqdm bars) to
+    this terminal as it arrives; everything is still stored in the notebook."""
+    from nbclient import NotebookClient
+
+    class Forwarding(NotebookClient):
+        def output(self, outs, msg, display_id, cell_index):
+            if msg["msg_type"] == "stream" and msg["content"].get("name") == "stderr":
+                sys.stderr.write(msg["content"].get("text", ""))
+                sys.stderr.flush()
+            return super().output(outs, msg, display_id, cell_index)
+
+    return Forwarding
 
 
 KERNEL = "kernel-club"   # the kernelspec `make setup` installs inside .venv
@@ -146,6 +186,8 @@ def cmd_bench(args) -> int:
 
 def cmd_claims(args) -> int:
     """Each lab's last complete run, grouped by lab; corrupt files are reported and skipped."""
+    from shared import claims
+
     runs = claims.load_runs(args.lab)
     if args.json:
         print(json.dumps(claims.as_json(runs), indent=1))
@@ -235,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         return args.fn(args)
-    except KeyError as e:  # unknown slug: the message lists the valid ones
+    except labs.UnknownLab as e:  # a KeyError inside a lab or benchmark is not a bad slug
         print(f"kclub: {e.args[0]}", file=sys.stderr)
         return 2
 

@@ -56,9 +56,14 @@ def discover() -> dict[str, Lab]:
     return labs
 
 
+class UnknownLab(LookupError):
+    """No lab has this slug (its own type, so that a KeyError raised inside a lab's code or
+    benchmark is never reported as an unknown slug)."""
+
+
 def get(slug: str) -> Lab:
     """The lab called `slug`; an unknown slug names the valid ones."""
     labs = discover()
     if slug not in labs:
-        raise KeyError(f"no lab {slug!r}; labs: {', '.join(labs) or '(none)'}")
+        raise UnknownLab(f"no lab {slug!r}; labs: {', '.join(labs) or '(none)'}")
     return labs[slug]
