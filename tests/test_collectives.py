@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from shared.parallel import collectives, comm_log, launch
+from shared.parallel.collectives import overlap
 from shared.parallel.collectives.tree import btree, children, double_btree
 
 ALL_REDUCE = ["ring_all_reduce", "tree_all_reduce", "double_tree_all_reduce",
@@ -98,9 +99,22 @@ def _a2a_worker():
     return {"inputs": inputs, "outputs": outputs, "sent": log.bytes(), "messages": log.count()}
 
 
+def _overlap_worker():
+    """DDP buckets, overlapped and not: both give the average of every rank's gradients."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    acts = [_inputs(rank, (5, 7), torch.float32, 50 + i) for i in range(5)]
+    douts = [_inputs(rank, (5, 7), torch.float32, 60 + i) for i in range(5)]
+    buckets = overlap.bucket_plan([49] * 5, 98)
+    out = {}
+    for mode in (False, True):
+        grads, spans = overlap.backward_step(acts, douts, buckets, 0.002, n, overlap=mode)
+        out[mode] = (grads, spans)
+    return {"acts": acts, "douts": douts, "runs": out, "buckets": buckets}
+
+
 def _worker():
     return {"all_reduce": _all_reduce_worker(), "rs_ag": _rs_ag_worker(),
-            "a2a": _a2a_worker()}
+            "a2a": _a2a_worker(), "overlap": _overlap_worker()}
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -173,6 +187,23 @@ def test_all_to_all_moves_each_chunk_once(ranks):
             assert torch.equal(r["outputs"][j], res[j]["inputs"][rank])
         assert r["messages"] == n - 1
         assert r["sent"] == 2 * sum(rank + j + 1 for j in range(n) if j != rank)
+
+
+def test_bucketed_backward_averages_gradients(ranks):
+    n, res = ranks
+    res = [r["overlap"] for r in res]
+    want = [sum(r["acts"][i].double().T @ r["douts"][i].double() for r in res) / n
+            for i in range(5)]
+    for r in res:
+        for mode, (grads, spans) in r["runs"].items():
+            for g, w in zip(grads, want, strict=True):
+                assert (g.double() - w).abs().max() < 1e-5 * w.abs().max(), mode
+            comm = sorted(s for s in spans if s[0] == "comm")
+            assert [b for _, b, _, _ in comm] == list(range(len(r["buckets"])))
+            last_compute = max(e for k, _, _, e in spans if k == "compute")
+            first_comm = min(s for _, _, s, _ in comm)
+            # overlap: the first bucket leaves before the backward ends; without: after
+            assert (first_comm < last_compute) == mode, (mode, first_comm, last_compute)
 
 
 def test_double_tree_leaves_of_one_are_interior_in_the_other():

@@ -59,3 +59,10 @@ def test_bucket_plan_last_layer_first():
     assert overlap.bucket_plan([10, 1, 1], 5) == [[2, 1, 0]]
     with pytest.raises(ValueError, match="bucket_elems"):
         overlap.bucket_plan([1], 0)
+
+
+def test_overlap_prediction():
+    # 4 layers of 1 s, buckets of 2 layers, each all-reduce 1.5 s: the first bucket leaves at 2
+    # and ends at 3.5, the second leaves at 4 and ends at 5.5; without overlap 4 + 3 = 7.
+    p = overlap.predict(1.0, [[3, 2], [1, 0]], [1.5, 1.5])
+    assert p == {"no overlap": 7.0, "overlap": 5.5}
