@@ -14,7 +14,7 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
 	--timeout=$(shell echo $$(( $(CELL_TIMEOUT) + 60 )))
 
 .PHONY: setup test lint unit nbval lab run-lab list-labs bench claims compile models clean distclean
-.PHONY: gpu-check
+.PHONY: gpu-check site
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ bench: setup
 
 claims: setup
 	@$(BIN)/kclub claims
+
+# A static site of the executed labs (outputs and figures), the claims table, the cards, docs/
+# and the GPU reports: build/site/index.html. Labs without an executed copy in build/<slug>/
+# are run first (kclub run); the build fails on a broken link or a lab page missing a figure.
+site: setup
+	$(BIN)/python -m shared.site --run
 
 # Every kernel compiled for sm_80/sm_90 and lowered for TPU, from this machine (no GPU needed):
 # registers, spills, shared memory, instruction mix. make test runs it (tests/test_compile.py).
