@@ -38,8 +38,9 @@ from shared.benchmarks.report import write_report  # noqa: E402
 KERNEL_TESTS = ["tests/test_softmax.py", "tests/test_attention.py", "tests/test_sampling.py",
                 "tests/test_moe_kernels.py", "tests/test_paged_attention.py",
                 "tests/test_paged_rope.py", "tests/test_attention_pallas.py",
-                "tests/test_moe_layer.py", "tests/test_quant_kernels.py",
-                "tests/test_megakernel.py"]
+                "tests/test_moe_layer.py", "tests/test_quant_formats.py",
+                "tests/test_quant_matmul.py", "tests/test_quant_pallas.py",
+                "tests/test_megakernel_triton.py"]
 OPTIONAL = ["hypothesis", "transformers", "nbval", "jax", "pytest_timeout", "xdist"]
 VERSIONS = ["torch", "triton", "jax", "jaxlib", "transformers", "hypothesis", "pytest"]
 # Seconds per step, measured against nothing yet on an H100: set to fit 330 s with margin.
