@@ -10,20 +10,28 @@ jobs; jobs on Nd = 1 or 2 ranks run in subgroups while the other ranks wait):
   prefetch on and off (paired rounds for a bootstrap interval);
 - collectives: our ring reduce-scatter, gloo's reduce-scatter and gloo's all-reduce on one
   buffer, interleaved round by round.
+Activation checkpointing is measured in this process: peak saved bytes against depth, and
+interleaved step times against the forward alone.
 On a GPU nothing is emulated (slot None): each rank owns its device.
 """
 
 from __future__ import annotations
 
 import statistics
+from contextlib import contextmanager
+
+import torch
 
 from kernels.device import gpu_available
 from shared import roofline
+from shared.bench import compare
 from shared.benchmarks import record
 from shared.benchmarks.pipeline_parallel import LINKS
 from shared.device import pick
-from shared.models.llama import LlamaConfig
+from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import launch
+from shared.parallel.memory import checkpointing
+from shared.parallel.memory.checkpointing import SCHEDULES, llama_step
 from shared.parallel.zero.accounting import GB, fit_replicated_sharded
 from shared.parallel.zero.model import ModelSpec
 from shared.parallel.zero.worker import Job, zero_worker
@@ -146,6 +154,60 @@ def h100_efficiency(psi: float, tokens_per_gpu: int, n: int = 8, *, stage: int =
             "no_overlap": compute / (compute + comm), "overlap": compute / (compute + exposed)}
 
 
+CKPT_NS = pick(ci=[4, 9, 16, 25], full=[4, 9, 16, 25, 36, 49, 64])
+CKPT_TIME_N = pick(ci=16, full=64)
+CKPT_ROUNDS = pick(ci=8, full=20)
+
+
+def checkpoint_model(n: int, seed: int = 0) -> Llama:
+    """A deep, narrow Llama for the checkpointing measurements: n blocks."""
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(vocab_size=256, dim=64, n_layers=n, n_heads=4, n_kv_heads=2,
+                             ffn_dim=128, max_seq_len=128))
+
+
+def checkpoint_tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 129), generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread while inside: on a CPU shared with other jobs, two OpenMP threads
+    spin against each other and a 0.3 s step took 3-15 s (measured here); one does not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def checkpoint_peaks(ns=CKPT_NS) -> dict[str, list[int]]:
+    """Peak bytes autograd holds for the backward, per schedule, for each depth n."""
+    tokens = checkpoint_tokens()
+    with one_thread():
+        return {s: [llama_step(checkpoint_model(n), tokens, s)[1].peak for n in ns]
+                for s in SCHEDULES}
+
+
+def checkpoint_times(n: int = CKPT_TIME_N, rounds: int = CKPT_ROUNDS) -> dict:
+    """Interleaved timings (shared.bench.compare) of a training step under each schedule and
+    of the forward alone (with a graph, as in training): the extra forward, measured."""
+    model, tokens = checkpoint_model(n), checkpoint_tokens()
+
+    def step(schedule):
+        model.zero_grad(set_to_none=True)
+        return llama_step(model, tokens, schedule)[0]
+
+    def forward():
+        h = checkpointing.run(model.layers, model.embed(tokens[:, :-1]), "none")
+        return model.lm_head(model.norm(h))
+
+    fns = {s: (lambda s=s: step(s)) for s in SCHEDULES}
+    with one_thread():
+        return compare({**fns, "forward": forward}, warmup=1, repeat=rounds)
+
+
 def main() -> int:
     if gpu_available():
         import torch
@@ -158,6 +220,10 @@ def main() -> int:
     for stage in (0, 3):
         for n, e in weak_scaling(results, stage).items():
             record("weak scaling, emulated compute", {"stage": stage, "Nd": n, "efficiency": e})
+    t = checkpoint_times()
+    for name, timing in t.items():
+        record("activation checkpointing, step time", {"schedule": name,
+                                                       "median_s": timing.median_s})
     _, recs = find(results, "collectives", runtime="collectives")
     for name, ts in recs[0]["times"].items():
         record("reduce-scatter of one buffer", {"op": name, "median_s": statistics.median(ts),
