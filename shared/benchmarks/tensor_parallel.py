@@ -174,6 +174,16 @@ def gloo_predicted_step(results: dict[int, list[dict]], p: int) -> float:
 
 
 def main() -> int:
+    if gpu_available():
+        import torch
+
+        if torch.cuda.device_count() < max(PS):
+            # Each rank owns a GPU (NCCL); fewer GPUs would put the ranks on the CPU under gloo
+            # and time that instead, so nothing is measured rather than the wrong thing.
+            record("tensor parallelism (skipped)",
+                   {"note": f"needs {max(PS)} GPUs, one per rank; this machine has "
+                            f"{torch.cuda.device_count()}"})
+            return 0
     weights = run.target_weights()
     proof = run.proof_job(**PROOF)
     results = run_all(weights, proof)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from shared.models import zoo
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import comm_log
-from shared.parallel.launch import spawn
+from shared.parallel.launch import device, init_from_env, spawn
 from shared.parallel.pipeline.runtime import _SavedBytes
 from shared.parallel.tensor.comm import Pacer, TPComm
 from shared.parallel.tensor.model import TPBlock, TPLlama
@@ -93,8 +93,9 @@ def param_bytes(module: torch.nn.Module) -> int:
 def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
     if comm.rank == job.fail_rank:
         raise RuntimeError(f"rank {comm.rank} fails on purpose (fail_rank={job.fail_rank})")
-    model = TPLlama(build(weights), comm)  # the full model is dropped once it is cut
-    tokens, targets = job.tokens, job.targets
+    dev = device()  # this rank's GPU under NCCL, else the CPU
+    model = TPLlama(build(weights), comm).to(dev)  # the full model is dropped once it is cut
+    tokens, targets = job.tokens.to(dev), job.targets.to(dev)
     saved = _SavedBytes(list(model.parameters()))
     with comm_log.recording() as fwd, torch.autograd.graph.saved_tensors_hooks(saved.pack,
                                                                                lambda t: t):
@@ -103,8 +104,8 @@ def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
         loss.backward()
     with comm_log.recording() as sync:
         model.sync_replicated_grads()
-    return {"loss": loss.item(), "logits": comm.all_gather(logits.detach()),
-            "grads": {n: (p.shard, p.grad) for n, p in model.named_parameters()},
+    return {"loss": loss.item(), "logits": comm.all_gather(logits.detach()).cpu(),
+            "grads": {n: (p.shard, p.grad.cpu()) for n, p in model.named_parameters()},
             "forward": fwd, "backward": bwd, "sync": sync, "param_bytes": param_bytes(model),
             "activation_bytes": sum(saved.seen.values()), "tokens": tokens.numel()}
 
@@ -114,9 +115,10 @@ def timing_stack(job: Timing, comm: TPComm) -> tuple[list[TPBlock], torch.Tensor
     gradient, identical on every rank."""
     torch.manual_seed(0)
     full = Llama(job.config)
-    blocks = [TPBlock(b, comm, f"layers.{i}") for i, b in enumerate(full.layers)]
+    dev = device()
+    blocks = [TPBlock(b, comm, f"layers.{i}").to(dev) for i, b in enumerate(full.layers)]
     x = torch.randn(job.batch, job.seq, job.config.dim)
-    return blocks, x, torch.randn_like(x)
+    return blocks, x.to(dev), torch.randn_like(x).to(dev)
 
 
 def _timing(job: Timing, comm: TPComm) -> dict:
@@ -130,15 +132,26 @@ def _timing(job: Timing, comm: TPComm) -> dict:
 
 def _time_steps(job: Timing, comm: TPComm) -> dict:
     blocks, x0, dy = timing_stack(job, comm)
-    positions = torch.arange(job.seq).expand(job.batch, job.seq)
+    positions = torch.arange(job.seq, device=x0.device).expand(job.batch, job.seq)
     pacer = Pacer(job.slot_s) if job.slot_s else None
     comm.pacer = pacer
+    cuda = x0.is_cuda
+
+    def start() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        if comm.world > 1:
+            dist.barrier(group=comm.group)
+        return time.perf_counter()
+
+    def stop(t0: float) -> float:  # on a GPU: wall clock around a synchronized step
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     def step() -> float:
         x = x0.clone().requires_grad_(True)
-        if comm.world > 1:
-            dist.barrier(group=comm.group)
-        t0 = time.perf_counter()
+        t0 = start()
         if pacer:
             pacer.backward = False
             pacer.after()  # the first segment's slot starts now
@@ -148,7 +161,7 @@ def _time_steps(job: Timing, comm: TPComm) -> dict:
         if pacer:
             pacer.backward = True
         h.backward(dy)
-        return time.perf_counter() - t0
+        return stop(t0)
 
     step()  # warm-up
     if pacer:
@@ -159,13 +172,12 @@ def _time_steps(job: Timing, comm: TPComm) -> dict:
     # The all-reduce alone, at one block's message size ([b, s, h] fp32), for the alpha-beta fit.
     ar = []
     for n in (job.batch * job.seq * job.config.dim, 1):
-        buf = torch.randn(n)
-        for _ in range(2 * job.rounds + 1):
-            if comm.world > 1:
-                dist.barrier(group=comm.group)
-            t0 = time.perf_counter()
+        buf = torch.randn(n, device=x0.device)
+        comm.all_reduce(buf)  # warm-up
+        for _ in range(2 * job.rounds):
+            t0 = start()
             comm.all_reduce(buf)
-            ar.append((4 * n, time.perf_counter() - t0))
+            ar.append((4 * n, stop(t0)))
     return {"times": times, "allreduce": ar, "overrun": overrun}
 
 
@@ -224,3 +236,28 @@ def assemble(ranks: list[dict], name: str, full: torch.Tensor) -> list[torch.Ten
             if shard.name == name:
                 pairs.append((grad, shard.of(full)))
     return pairs
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Under torchrun: the proof on the whole world, e.g. ``python -m torch.distributed.run
+    --standalone --nproc-per-node=4 -m shared.parallel.tensor.run``; rank 0 prints it."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
+    args = parser.parse_args(argv)
+    init_from_env()
+    weights = target_weights()
+    job = proof_job(args.batch, args.seq, seed=0)
+    out = worker([job], weights)[0]
+    if dist.get_rank() == 0:
+        ref = single_process(job, weights)
+        print(f"tp={dist.get_world_size()}: loss {out['loss']:.6f} (one process "
+              f"{ref['loss']:.6f}); all-reduces forward {out['forward'].count('all_reduce')}, "
+              f"backward {out['backward'].count('all_reduce')}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
