@@ -15,7 +15,8 @@ How: Triton's JITFunction.run(..., warmup=True) compiles and returns without lau
 (and a device key of its own, so sm_80 and sm_90 builds never share a cache entry) and route
 every run through warmup. Outputs stay unwritten, so host code after a launch sees garbage: call
 public kernels, not whole models. Needs the interpreter off (KC_INTERPRET=0 before `import
-kernels`): a kernel decorated under the interpreter cannot be compiled (CPU-NOTES.md).
+kernels`): a kernel decorated under the interpreter cannot be compiled
+(docs/cpu-notes.md, "Triton's interpreter").
 """
 
 from __future__ import annotations

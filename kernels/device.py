@@ -2,7 +2,8 @@
 
 Without a GPU, Triton kernels run in Triton's interpreter and Pallas kernels in interpret mode.
 The interpreter is chosen when `triton` is imported and when a kernel is decorated
-(CPU-NOTES.md), so `import kernels` calls `configure()` before any kernel module imports triton.
+(docs/cpu-notes.md, "Triton's interpreter"), so `import kernels` calls `configure()` before any
+kernel module imports triton.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Pallas on the real hardware: compiler params per backend, and TPU lowering checked from a CPU.
 
-Interpret mode accepts any kernel; the compilers do not (CPU-NOTES.md). Two facts shape this file:
+Interpret mode accepts any kernel; the compilers do not (docs/cpu-notes.md, "Pallas interpret
+mode"; docs/compile.md). Two facts shape this file:
 - One `pallas_call` takes one backend's compiler params. On a GPU, jax >= 0.10 sends a call with
   none to Mosaic GPU (Hopper only), while our kernels are written for the Triton lowering, so the
   Triton params are passed explicitly there; on a TPU the Mosaic params say which grid axes may

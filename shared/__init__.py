@@ -1,1 +1,1 @@
-"""Everything the labs share that is not a device kernel (see ../DESIGN in the README)."""
+"""Everything the labs share that is not a device kernel (docs/architecture.md, "The packages")."""

@@ -8,7 +8,7 @@
 
 `compare` interleaves its contenders round by round, so drift hits them alike, and `ratio`
 turns two of its timings into a median ratio with a bootstrap 95% interval over the paired
-rounds: a timing verdict reads that interval (DESIGN.md, "Measuring honestly").
+rounds: a timing verdict reads that interval (docs/claims.md, "Measuring honestly").
 Timings are never test assertions.
 """
 

@@ -1,6 +1,6 @@
 """Correctness against a float64 reference: relative error, tolerances by dtype, seeds.
 
-Every kernel in the project is checked the same way (DESIGN.md, "Measuring honestly"):
+Every kernel in the project is checked the same way (docs/claims.md, "Measuring honestly"):
 ‖out − ref‖ / ‖ref‖ computed in float64, against a tolerance chosen by the dtype the kernel
 computed in, and by whether fp32 matmuls may run as TF32 (a GPU) or exactly (the interpreter).
 """
@@ -49,8 +49,9 @@ def kernel_device() -> str:
 def kernel_dtypes(device=None) -> tuple[torch.dtype, ...]:
     """The float dtypes to test the kernels in on `device` (default: kernel_device()).
 
-    bf16 only on CUDA: Triton's interpreter computes bf16 on the raw bits (CPU-NOTES.md), a
-    documented restriction of the CPU path, so the CPU list leaves it out instead of skipping."""
+    bf16 only on CUDA: Triton's interpreter computes bf16 on the raw bits (docs/cpu-notes.md,
+    "Triton's interpreter"), a documented restriction of the CPU path, so the CPU list leaves
+    it out instead of skipping."""
     device = torch.device(device if device is not None else kernel_device())
     base = (torch.float32, torch.float16)
     return (*base, torch.bfloat16) if device.type == "cuda" else base

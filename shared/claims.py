@@ -1,6 +1,6 @@
 """The scoreboard: every claim a lab makes, with the bar it must clear, or shown as info.
 
-Two kinds of row (DESIGN.md, "Measuring honestly"):
+Two kinds of row (docs/claims.md, "Verdicts and info"):
 - a verdict: `rec.check(name, measured, AtLeast(2.0), ...)`. The criterion is data: it computes
   the verdict and states itself in the table. Timing ratios (`bench.ratio`) carry a bootstrap
   interval, and their criteria (`IntervalAbove`, `IntervalBelow`) read the interval.

@@ -1,11 +1,11 @@
 """Count a Triton kernel's global-memory traffic and tl.dot FLOPs, exactly, in the interpreter.
 
-Triton's interpreter executes every tl.load / tl.store / tl.dot in Python (CPU-NOTES.md), so
-wrapping those three builder calls sees all traffic between the kernel and global memory
-(HBM on a GPU). A masked load or store moves only its active lanes, so only those are
-counted: the number is what the kernel asks of memory, before caches. It does not model
-L2 hits, so it is the traffic of a GPU with no cache reuse across programs, which is what the
-papers' IO analyses count too.
+Triton's interpreter executes every tl.load / tl.store / tl.dot in Python (docs/cpu-notes.md,
+"Triton's interpreter"), so wrapping those three builder calls sees all traffic between the
+kernel and global memory (HBM on a GPU). A masked load or store moves only its active lanes, so
+only those are counted: the number is what the kernel asks of memory, before caches. It does not
+model L2 hits, so it is the traffic of a GPU with no cache reuse across programs, which is what
+the papers' IO analyses count too.
 
     with iocount.count() as c:
         softmax(x)

@@ -1,4 +1,5 @@
-"""The lab contract (DESIGN.md), checked statically: catalog, cards, notebooks as committed."""
+"""The lab contract (docs/lab-contract.md), checked statically: catalog, cards, notebooks as
+committed."""
 
 import json
 import re

@@ -1,5 +1,5 @@
-"""The Pallas kernels lower for the real hardware, checked from this CPU (DESIGN.md, "True on the
-hardware"): Mosaic TPU for every public Pallas function, forward and gradients, f32 and bf16, at
+"""The Pallas kernels lower for the real hardware, checked from this CPU (docs/compile.md,
+"How"): Mosaic TPU for every public Pallas function, forward and gradients, f32 and bf16, at
 shapes that are not multiples of the blocks; and the GPU path takes the Triton lowering, not
 Mosaic GPU. Lowering needs KC_INTERPRET=0 before the kernels are built, so it runs in a fresh
 process; the pytest process itself stays in interpret mode."""

@@ -19,7 +19,8 @@ from kernels.validate import check_same_device, check_same_dtype, check_tensor
 
 def check_torch_inputs(q, k, v):
     """Type, dtype and device checks for the Triton kernels; returns the AttentionShape."""
-    # bf16 only on a GPU: the interpreter computes bf16 on the raw bits (CPU-NOTES.md).
+    # bf16 only on a GPU: the interpreter computes bf16 on the raw bits
+    # (docs/cpu-notes.md, "Triton's interpreter").
     dtypes = (torch.float16, torch.float32) if INTERPRET else (
         torch.float16, torch.bfloat16, torch.float32)
     for name, x in (("q", q), ("k", k), ("v", v)):

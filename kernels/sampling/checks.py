@@ -19,7 +19,8 @@ import torch
 from kernels.device import INTERPRET
 from kernels.validate import check_same_device, check_tensor
 
-# bf16 only off the interpreter, which computes bf16 on the raw bits (CPU-NOTES.md)
+# bf16 only off the interpreter, which computes bf16 on the raw bits
+# (docs/cpu-notes.md, "Triton's interpreter")
 PROB_DTYPES = (torch.float32, torch.float16, torch.float64) + (() if INTERPRET else (
     torch.bfloat16,))
 TOKEN_DTYPES = (torch.int32, torch.int64)

@@ -1,7 +1,7 @@
 """What the compiler made of the softmax kernels: the online-softmax lab's compiled-truth section.
 
 Two reads, each in a fresh KC_INTERPRET=0 process (the lab runs in the interpreter, and a kernel
-decorated there cannot be compiled; CPU-NOTES.md):
+decorated there cannot be compiled; docs/cpu-notes.md, "Triton's interpreter"):
 - `shared.compile_report.compiled("softmax")`: registers, spills, shared memory, occupancy and
   the instruction census per kernel, target and case, as `kclub compile` reports them;
 - `memory_ops()`: the global loads and stores in each kernel's PTX with their width in bytes,
