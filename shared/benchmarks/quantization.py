@@ -1,0 +1,150 @@
+"""Weight-only quantization: the measurements behind the lab, and `kclub bench quantization`.
+
+- Bytes of the dequant-matmul kernels: counted in Triton's interpreter (shared.iocount) against
+  an exact IO model of the launch, and the minimum DRAM traffic of y = x Wᵀ per format.
+- The roofline crossover: predicted time of a [M, K] × [K, N] matmul with fp16 weights and with
+  each format's weights on named hardware; weight-only quantization pays while the fp16 matmul is
+  memory bound and stops paying once M passes the fp16 ridge (the int4 kernel itself turns
+  compute bound 4× earlier). Predictions, from counted work.
+- This CPU, measured: torch's own weight-only CPU kernels (`_weight_int8pack_mm`, and
+  `_weight_int4pack_mm_for_cpu`, what gpt-fast's int8/int4 call on a CPU) against torch's fp32
+  and bf16 linear at the same shape, interleaved rounds with bootstrap intervals; tokens/s and
+  effective GB/s (weight bytes / time) as gpt-fast reports them. Our Triton kernel runs in the
+  interpreter here, so it is not timed on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.quant import quantize, quantized_matmul
+from kernels.quant.matmul_triton import config_for
+from shared import bench, iocount, roofline
+from shared.benchmarks import record
+
+FORMAT_BITS_NOTE = "stored bits per weight, constants included"
+
+
+def weight_bytes(fmt: str, k: int, n: int, group: int | None = None,
+                 double_quant: bool = True) -> float:
+    """Bytes of one [N, K] weight as stored, constants included ("fp16" for the baseline)."""
+    if fmt == "fp16":
+        return 2.0 * k * n
+    if fmt in ("int8", "llm.int8"):
+        return k * n + 4.0 * n
+    codes = k * n / 2
+    groups = k * n / group
+    if fmt == "int4":
+        return codes + 3 * groups                      # fp16 scale + uint8 zero
+    if not double_quant:
+        return codes + 4 * groups                      # fp32 absmax
+    return codes + groups + 4 * math.ceil(groups / 256) + 4
+
+
+def io_model(fmt: str, m: int, k: int, n: int, group: int | None, x_bytes: int = 2) -> int:
+    """Exact bytes the Triton launch loads and stores (what iocount sees): every N-tile program
+    rereads its x rows; every M-tile rereads the weight and its constants; NF4 gathers one 4-byte
+    table entry per weight slot of its tile, padded columns included (a 64-byte table: L1 on a
+    GPU, not DRAM; `min_traffic` leaves it out)."""
+    cfg = config_for(m)
+    tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    step = cfg.block_k if group is None else min(group, cfg.block_k)
+    steps = triton.cdiv(k, step)
+    xb = 1 if fmt == "llm.int8" else x_bytes
+    loads = m * k * xb * tiles_n
+    if fmt in ("int8", "llm.int8"):
+        loads += tiles_m * (k * n + 4 * n) + (4 * m * tiles_n if fmt == "llm.int8" else 0)
+    elif fmt == "int4":
+        loads += tiles_m * (k * n // 2 + steps * 3 * n)
+    else:                                              # nf4 with double quantization
+        table = 4 * k * cfg.block_n * tiles_n
+        loads += tiles_m * (k * n // 2 + steps * (n + 4 * n + 4 * tiles_n) + table)
+    out = 4 if fmt == "llm.int8" else x_bytes
+    return loads + m * n * out
+
+
+def counted(fmt: str, m: int, k: int, n: int, group: int | None, seed: int = 0):
+    """iocount of one quantized_matmul launch (fp16 x): bytes loaded + stored."""
+    g = torch.Generator().manual_seed(seed)
+    qw = quantize(torch.randn(n, k, generator=g), fmt, group_size=group)
+    x = torch.randn(m, k, generator=g).half()
+    with iocount.count() as c:
+        quantized_matmul(x, qw)
+    return c.by_kernel["quant_matmul_kernel"]
+
+
+def min_traffic(fmt: str, m: int, k: int, n: int, group: int | None) -> float:
+    """DRAM bytes with perfect on-chip reuse: x and y once (fp16), the weight once."""
+    return 2.0 * m * k + weight_bytes(fmt, k, n, group) + 2.0 * m * n
+
+
+def predicted_time(fmt: str, m: int, k: int, n: int, group: int | None, hw: str) -> float:
+    return roofline.predict(2.0 * m * k * n, min_traffic(fmt, m, k, n, group), hw, "fp16").time_s
+
+
+def speedup_curve(fmt: str, ms, k: int, n: int, group: int | None, hw: str) -> list[float]:
+    """Predicted fp16-time / format-time per M (the dequantization's ALU work not counted)."""
+    return [predicted_time("fp16", m, k, n, None, hw) / predicted_time(fmt, m, k, n, group, hw)
+            for m in ms]
+
+
+def crossover(fmt: str, k: int, n: int, group: int | None, hw: str) -> tuple[float, float]:
+    """(M where the format's matmul turns compute bound, M where fp16's does: past it
+    weight-only quantization saves nothing), from ridge = peak / bandwidth."""
+    ridge = roofline.hardware(hw).ridge("fp16")
+
+    def turn(fmt_):   # 2MKN / bytes(M) = ridge, bytes linear in M: solve for M
+        b0, b1 = min_traffic(fmt_, 0, k, n, group), 2.0 * (k + n)
+        return ridge * b0 / (2.0 * k * n - ridge * b1)
+    return turn(fmt), turn("fp16")
+
+
+def cpu_peers(k: int, n: int, m: int, *, repeat: int = 10, group: int = 128, seed: int = 0):
+    """Interleaved timings on this CPU of y = x Wᵀ at [m, k] × [k, n]: fp32 and bf16 linear,
+    torch's int8 weight-only kernel and its int4 one (gpt-fast's CPU path; bf16 activations).
+    Returns (timings, weight bytes per impl). The int8 peer is checked against its formula."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(m, k, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    scale = w.abs().amax(1) / 127
+    q8 = torch.round(w / scale[:, None]).to(torch.int8)
+    s8 = scale.bfloat16()
+    y8 = torch.ops.aten._weight_int8pack_mm(xb, q8, s8)
+    ref8 = xb.float() @ (q8.float() * s8.float()[:, None]).t()
+    if not torch.allclose(y8.float(), ref8, rtol=2e-2, atol=1e-2 * ref8.abs().max().item()):
+        raise AssertionError("torch's int8 weight-only kernel disagrees with q · scale")
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = torch.rand(k // group, n, 2, generator=g).bfloat16()
+    fns = {
+        "fp32 linear": lambda: F.linear(x, w),
+        "bf16 linear": lambda: F.linear(xb, wb),
+        "int8 (torch)": lambda: torch.ops.aten._weight_int8pack_mm(xb, q8, s8),
+        "int4 (torch)": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q4, group, sz),
+    }
+    sizes = {"fp32 linear": 4.0 * k * n, "bf16 linear": 2.0 * k * n,
+             "int8 (torch)": k * n + 2.0 * n, "int4 (torch)": k * n / 2 + 4.0 * n * k / group}
+    return bench.compare(fns, warmup=2, repeat=repeat), sizes
+
+
+def main() -> None:
+    """`kclub bench quantization`: counted bytes, H100 crossover, CPU peers at Llama-7B's MLP."""
+    for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
+        c = counted(fmt, 5, 512, 300, group)
+        record("bytes", {"fmt": fmt, "counted": c.bytes_total,
+                         "model": io_model(fmt, 5, 512, 300, group)})
+    k, n = 4096, 11008
+    for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
+        own, fp16 = crossover(fmt, k, n, group, "H100 SXM")
+        record("crossover H100", {"fmt": fmt, "compute-bound M": own, "fp16 ridge M": fp16})
+    for m in (1, 16, 256):
+        t, sizes = cpu_peers(k, n, m, repeat=5)
+        for name, timing in t.items():
+            record("cpu", {"M": m, "impl": name, "ms": timing.median_s * 1e3,
+                           "tokens/s": m / timing.median_s,
+                           "GB/s": sizes[name] / timing.median_s / 1e9})
