@@ -1,10 +1,10 @@
 """The repository's references hold: every `.md` path a tracked file mentions exists in the
 repository, and kernels/ never imports shared/ (docs/architecture.md, "Arrows point one way").
 
-A mention is a markdown link target (`[text](path.md#part)`) or a bare path such as
+A mention is a markdown link target (`[text](<file>.md#<part>)`) or a bare path such as
 `docs/claims.md` in prose: a text file's lines, a notebook's markdown cells and code comments, a
 Python file's comments and docstrings. String literals in code are left out: they name files a
-program writes (a site's `index.md`, a report's `report.md`), not files the repository holds.
+program writes (the site's pages, the GPU check's report), not files the repository holds.
 A mention resolves against the mentioning file's folder or the repository root. URLs and
 templated names (`<slug>.md`, `{stem}.md`, `*.md`) are not mentions of a file."""
 

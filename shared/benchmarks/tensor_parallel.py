@@ -25,6 +25,7 @@ from shared.benchmarks import record
 from shared.benchmarks.pipeline_parallel import LINKS
 from shared.device import pick
 from shared.models.llama import LlamaConfig
+from shared.parallel.comm_log import ring_volume
 from shared.parallel.tensor import run
 
 PS = (1, 2, 4)
@@ -34,7 +35,10 @@ WEAK_LAYERS = pick(ci=4, full=8)
 
 def weak_config(p: int) -> LlamaConfig:
     """Width 128·√p (heads of 32, MHA, FFN 3×): weights per rank 12·h²/p stay ~constant."""
-    dim = {1: 128, 2: 192, 4: 256}[p] * pick(ci=1, full=4)
+    widths = {1: 128, 2: 192, 4: 256}
+    if p not in widths:
+        raise ValueError(f"p must be one of {sorted(widths)}, got {p!r}")
+    dim = widths[p] * pick(ci=1, full=4)
     return LlamaConfig(vocab_size=256, dim=dim, n_layers=WEAK_LAYERS, n_heads=dim // 32,
                        n_kv_heads=dim // 32, ffn_dim=3 * dim, max_seq_len=512)
 
@@ -83,9 +87,13 @@ def payload_bytes(log, op: str = "all_reduce") -> int:
     return sum(r.payload for r in log.records if r.op == op)
 
 
-def ring_allreduce_s(nbytes: float, p: int, alpha_s: float, bw: float) -> float:
-    """α-β time of a ring all-reduce: 2(p-1) steps, each sending n/p bytes per rank."""
-    return 0.0 if p == 1 else 2 * (p - 1) * alpha_s + 2 * (p - 1) / p * nbytes / bw
+def ring_allreduce_s(nbytes: int, p: int, alpha_s: float, bw: float) -> float:
+    """α-β time of a ring all-reduce: 2(p-1) steps, each sending n/p bytes per rank (the
+    bytes per rank are comm_log's ring_volume, 2(p-1)/p of the payload)."""
+    if p == 1:
+        return 0.0
+    sent, _ = ring_volume("all_reduce", int(nbytes), p, 1)
+    return 2 * (p - 1) * alpha_s + sent / bw
 
 
 @dataclass(frozen=True)
