@@ -43,3 +43,28 @@ def triton_cases(add, dtypes) -> None:
             _persistent(dtype, 32, 2))
         add(FAMILY, "persistent decode step, Qwen3-8B-like (d=128, GQA 32/8)", dt, main,
             _persistent(dtype, 128, 4))
+
+
+def pallas_cases() -> list:
+    """The Pallas worker loop on 2 TensorCores (v4/v5p megacore) at Qwen3-8B's MLP width in
+    128-column tiles, its schedule a stand-in of the right shapes (lowering reads no values)."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.megakernel.persistent_pallas import TABLES, mlp_persistent_pallas
+
+    S = jax.ShapeDtypeStruct
+    B, D, F, tile, cores, tasks, signals, events = 8, 4096, 12288, 128, 2, 225, 400, 100
+    shapes = {"OP": (tasks,), "COL": (tasks,), "WAIT": (tasks,), "NEED": (tasks,),
+              "QUEUE": (cores, tasks), "QLEN": (cores,), "SIG_START": (tasks + 1,),
+              "SIG_EVENT": (signals,), "SIG_CORE": (signals,)}
+
+    def run(x, wn, wg, wu, wd, *tables):
+        return mlp_persistent_pallas(dict(zip(TABLES, tables, strict=True)), x, wn, wg, wu, wd,
+                                     cores=cores, tile=tile, eps=1e-6, n_events=events)
+
+    args = (S((B, D), jnp.float32), S((1, D), jnp.float32), S((D, F), jnp.float32),
+            S((D, F), jnp.float32), S((F, D), jnp.float32),
+            *(S(shapes[k], jnp.int32) for k in TABLES))
+    return [(FAMILY, "mlp_persistent_pallas 2 cores D=4096 F=12288 tile 128 float32", run,
+             args)]

@@ -43,6 +43,14 @@ def buffers(config: LlamaConfig, batch: int) -> dict[str, list[int]]:
             **{f"kv{i}": [batch, c.n_kv_heads] for i in range(c.n_layers)}}
 
 
+def _check_sizes(config, batch, tile) -> None:
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+    for name, value in (("batch", batch), ("tile", tile)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class _Builder:
     def __init__(self, config: LlamaConfig, batch: int, tile: int):
         self.c, self.B, self.tile = config, batch, tile
@@ -70,7 +78,8 @@ class _Builder:
         d, B = self.c.dim, self.B
         ev = self.event(f"{name}.done")
         self.task("rmsnorm", layer, {"src": "x", "dst": "xn", "weight": weight},
-                  reads=[self.full("x", d)], writes=[self.full("xn", d)], waits=[src_ready],
+                  reads=[self.full("x", d)], writes=[self.full("xn", d)],
+                  waits=[] if src_ready is None else [src_ready],
                   trigger=ev, flops=4 * B * d, bytes_=(2 * B + 1) * d * 2)
         return ev
 
@@ -133,6 +142,16 @@ class _Builder:
         return ((h * group * hd, (h + 1) * group * hd), (k0 + h * hd, k0 + (h + 1) * hd),
                 (v0 + h * hd, v0 + (h + 1) * hd))
 
+    def mlp(self, i, x_ready):
+        """x += down(silu(gate(xn)) · up(xn)), xn = rmsnorm(x): the second half of a block."""
+        c, p = self.c, f"layers.{i}."
+        normed = self.norm(i, p + "ffn_norm", x_ready, f"L{i}.ffn_norm")
+        act = self.matmul(i, "swiglu", [p + "gate_proj", p + "up_proj"], "xn", c.dim, "act",
+                          c.ffn_dim, normed, f"L{i}.act")
+        down = self.matmul(i, "matmul", [p + "down_proj"], "act", c.ffn_dim, "down", c.dim, act,
+                           f"L{i}.down", per_tile=True)
+        return self.residual(i, "down", down, f"L{i}.out")
+
     def layer(self, i, x_ready, seq_len):
         c, hd = self.c, self.c.head_dim
         n_qkv = (c.n_heads + 2 * c.n_kv_heads) * hd
@@ -142,13 +161,7 @@ class _Builder:
         attn = self.attention(i, qkv, seq_len)
         o_tiles = self.matmul(i, "matmul", [p + "o_proj"], "attn", c.n_heads * hd, "o", c.dim,
                               attn, f"L{i}.o", per_tile=True)
-        h = self.residual(i, "o", o_tiles, f"L{i}.h")
-        normed = self.norm(i, p + "ffn_norm", h, f"L{i}.ffn_norm")
-        act = self.matmul(i, "swiglu", [p + "gate_proj", p + "up_proj"], "xn", c.dim, "act",
-                          c.ffn_dim, normed, f"L{i}.act")
-        down = self.matmul(i, "matmul", [p + "down_proj"], "act", c.ffn_dim, "down", c.dim, act,
-                           f"L{i}.down", per_tile=True)
-        return self.residual(i, "down", down, f"L{i}.out")
+        return self.mlp(i, self.residual(i, "o", o_tiles, f"L{i}.h"))
 
 
 def build_decode_graph(config: LlamaConfig, batch: int, *, tile: int = 64,
@@ -158,11 +171,7 @@ def build_decode_graph(config: LlamaConfig, batch: int, *, tile: int = 64,
     `tile`: output columns per matmul task (MPK's task granularity). `seq_len`: the context
     the attention tasks' counted work assumes (the simulator's task times); default the model's
     max_seq_len. Tasks are listed in program order (a valid topological order)."""
-    if not isinstance(config, LlamaConfig):
-        raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
-    for name, value in (("batch", batch), ("tile", tile)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_sizes(config, batch, tile)
     seq_len = config.max_seq_len if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
@@ -183,6 +192,19 @@ def build_decode_graph(config: LlamaConfig, batch: int, *, tile: int = 64,
            flops=B * c.vocab_size, bytes_=4 * B * c.vocab_size)
     return {"model": {k: getattr(c, k) for k in c.__dataclass_fields__}, "batch": B,
             "tile": tile, "seq_len": seq_len, "buffers": buffers(c, B),
+            "events": g.events, "tasks": g.tasks}
+
+
+def build_mlp_graph(config: LlamaConfig, batch: int, *, tile: int = 128) -> dict:
+    """The MLP half of one block alone (rmsnorm, SwiGLU tiles, down tiles, residual tiles): the
+    graph the Pallas worker loop runs (kernels/megakernel/persistent_pallas.py)."""
+    _check_sizes(config, batch, tile)
+    g = _Builder(config, batch, tile)
+    g.mlp(0, None)
+    bufs = buffers(config, batch)
+    return {"model": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "batch": batch, "tile": tile, "seq_len": 0,
+            "buffers": {k: bufs[k] for k in ("x", "xn", "act", "down")},
             "events": g.events, "tasks": g.tasks}
 
 
