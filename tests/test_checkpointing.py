@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
+from shared.benchmarks.zero import one_thread
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel.memory.checkpointing import llama_step, segment_size
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """torch on one thread here: on a shared 2-core machine two OpenMP threads spin against
+    each other (a 0.3 s step took 3-15 s); restored for the tests that follow."""
+    with one_thread():
+        yield
 
 
 def _model(n, dtype=torch.float32, seed=0):

@@ -5,9 +5,19 @@ compute with fp32 masters tracking fp32 training, and the scaler's rule on its o
 import pytest
 import torch
 
+from shared.benchmarks.zero import one_thread
 from shared.models.llama import LlamaConfig
 from shared.parallel.memory.mixed_precision import LossScaler, MixedPrecision, gradscaler_run
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """torch on one thread here: on a shared 2-core machine two OpenMP threads spin against
+    each other (a 0.3 s step took 3-15 s); restored for the tests that follow."""
+    with one_thread():
+        yield
+
 
 CFG = LlamaConfig(vocab_size=97, dim=24, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40,
                   max_seq_len=16)

@@ -5,6 +5,7 @@ accounting, torch's FSDP2 on the same model, and a failing rank that ends the ru
 import pytest
 import torch
 
+from shared.benchmarks.zero import one_thread
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
 from shared.parallel.zero.accounting import engine_traffic, paper_bytes, paper_traffic
@@ -12,6 +13,15 @@ from shared.parallel.zero.engine import STAGES, ZeroEngine
 from shared.parallel.zero.flat import FlatUnit
 from shared.parallel.zero.model import FROZEN, ModelSpec, build_model, trainable_numel, units
 from shared.parallel.zero.worker import Job, reference, zero_worker
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """torch on one thread here: on a shared 2-core machine two OpenMP threads spin against
+    each other (a 0.3 s step took 3-15 s); restored for the tests that follow."""
+    with one_thread():
+        yield
+
 
 P = 4
 # vocab 97 and ffn 40: unit sizes that Nd = 4 does not divide, so the padding is exercised

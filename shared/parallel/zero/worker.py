@@ -18,11 +18,10 @@ import torch.distributed as dist
 
 from shared.parallel import comm_log
 from shared.parallel.collectives.ring import ring_reduce_scatter
+from shared.parallel.memory.mixed_precision import DTYPES
 from shared.parallel.zero.comm import CommThread
 from shared.parallel.zero.engine import ZeroEngine
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
