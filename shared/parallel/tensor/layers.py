@@ -115,6 +115,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, start, comm):
+        ctx.dtype = logits.dtype  # computed in fp32; the gradient goes back in the logits' dtype
         logits = logits.float()
         m = comm.all_reduce(logits.max(dim=-1).values, op=torch.distributed.ReduceOp.MAX)
         shifted = logits - m[..., None]
@@ -132,7 +133,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def backward(ctx, grad):
         softmax, idx, mine = ctx.saved_tensors
         one_hot = torch.zeros_like(softmax).scatter_(-1, idx, mine[..., None].to(softmax.dtype))
-        return (softmax - one_hot) * grad[..., None], None, None, None
+        return ((softmax - one_hot) * grad[..., None]).to(ctx.dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, start: int,
