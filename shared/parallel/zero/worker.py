@@ -16,12 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shared.parallel import comm_log
+from shared.models.llama import LlamaConfig
+from shared.parallel import comm_log, launch
 from shared.parallel.collectives.ring import ring_reduce_scatter
 from shared.parallel.memory.mixed_precision import DTYPES
 from shared.parallel.zero.comm import CommThread
 from shared.parallel.zero.engine import ZeroEngine
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
+
+DEFAULT_SPEC = ModelSpec(LlamaConfig(vocab_size=256, dim=64, n_layers=4, n_heads=4,
+                                     n_kv_heads=2, ffn_dim=168, max_seq_len=32), seq_len=31)
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Job:
 
 def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    model = build_model(spec)
+    dev = launch.device()  # this rank's GPU under NCCL, else the CPU
+    model = build_model(spec).to(dev)
     comm = CommThread(group, impl=job.impl)
     engine = ZeroEngine(model, job.stage, comm, compute_dtype=DTYPES[job.dtype], lr=job.lr,
                         prefetch=job.prefetch, slot_s=job.slot_s)
@@ -62,7 +67,7 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
             raise RuntimeError(f"injected failure on rank 1 at step {step}")
         with comm_log.recording() as log:
             t0 = time.perf_counter()
-            res = engine.step(loss_fn, tokens[rows], targets[rows])
+            res = engine.step(loss_fn, tokens[rows].to(dev), targets[rows].to(dev))
             out["times"].append(time.perf_counter() - t0)
         out["sent"].append(log.bytes())  # bytes this rank put on the wire this step
         out["losses"].append(res.loss)
@@ -72,7 +77,7 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
                             for s in comm.spans])
         out["memory"].append([(t - t0, b) for t, b in engine.memory])
     if job.params:
-        out["params"] = engine.full_parameters()
+        out["params"] = {n: p.cpu() for n, p in engine.full_parameters().items()}
     comm.close()
     return out
 
@@ -85,8 +90,9 @@ def run_fsdp2(spec: ModelSpec, job: Job, group=None) -> dict:
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-    mesh = DeviceMesh("cpu", ranks)
-    model = build_model(spec)
+    dev = launch.device()
+    mesh = DeviceMesh(dev.type, ranks)
+    model = build_model(spec).to(dev)
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -99,13 +105,13 @@ def run_fsdp2(spec: ModelSpec, job: Job, group=None) -> dict:
         dist.barrier(group)
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = loss_fn(model, tokens[rows], targets[rows])
+        loss = loss_fn(model, tokens[rows].to(dev), targets[rows].to(dev))
         loss.backward()
         opt.step()
         out["times"].append(time.perf_counter() - t0)
         out["losses"].append(float(loss.detach()))
     if job.params:
-        out["params"] = {n: p.full_tensor().detach().clone()
+        out["params"] = {n: p.full_tensor().detach().cpu()
                          for n, p in model.named_parameters()}
     return out
 
@@ -116,7 +122,8 @@ def run_collectives(spec: ModelSpec, job: Job, group=None) -> dict:
     (`job.steps` rounds after a warm-up), each round's time the slowest rank's."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     flat = torch.randn(job.numel, generator=torch.Generator().manual_seed(rank))
-    out = torch.empty(job.numel // world)
+    flat = flat.to(launch.device())
+    out = torch.empty(job.numel // world, device=flat.device)
     ops = {"ring reduce-scatter": lambda: ring_reduce_scatter(out, list(flat.chunk(world)),
                                                               group),
            "gloo reduce-scatter": lambda: dist.reduce_scatter_single(out, flat, group=group),
@@ -166,3 +173,31 @@ def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2) 
         losses.append(float(loss.detach()))
     return {"losses": losses,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def main(argv=None) -> None:
+    """One job the torchrun way (spans nodes; NCCL when every rank has a GPU):
+    ``python -m torch.distributed.run --standalone --nproc-per-node=4 -m
+    shared.parallel.zero.worker --stage 3 --steps 5``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--stage", type=int, default=3, choices=range(4))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--impl", default="ring", choices=["ring", "gloo"])
+    args = ap.parse_args(argv)
+    launch.init_from_env()
+    try:
+        job = Job(args.stage, steps=args.steps, dtype=args.dtype, impl=args.impl)
+        (out,) = zero_worker(DEFAULT_SPEC, [job])
+        if dist.get_rank() == 0:
+            for i, (loss, t) in enumerate(zip(out["losses"], out["times"], strict=True)):
+                print(f"step {i}: loss {loss:.4f} (rank 0)  {t * 1e3:.1f} ms  "
+                      f"state bytes {out['bytes'][i]}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
