@@ -16,14 +16,10 @@ CODE = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental.pallas import tpu as pltpu
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
 from jax.sharding import AxisType
 from kernels.collectives import (ag_matmul, ag_matmul_reference, allreduce_softmax,
                                  allreduce_softmax_reference)
-
-def races(result):
-    jax.block_until_ready(result)  # dispatch is asynchronous: read the state once it ran
-    return bool(ipc.races is not None and ipc.races.races_found)
+from kernels.collectives import races_found as races
 
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -55,6 +51,17 @@ for n, m, k, f, v, seed in ((4, 8, 96, 40, 200, 0), (3, 6, 64, 24, 130, 1)):
     row["sm_finite"] = bool(np.isfinite(np.asarray(p)).all())
     if n == 4:  # negative control: without the ready handshake the detector must see a race
         row["racy_races"] = races(ag_matmul(x, w, mesh=mesh, interpret=strict, handshake=False))
+    errors = []
+    for call in (lambda: ag_matmul(x[0], w, mesh=mesh), lambda: ag_matmul(x[:-1], w, mesh=mesh),
+                 lambda: ag_matmul(x, w[1:], mesh=mesh),
+                 lambda: allreduce_softmax(logits[:n], mesh=mesh),
+                 lambda: ag_matmul(x.astype(jnp.int32), w, mesh=mesh)):
+        try:
+            call()
+            errors.append(None)
+        except (ValueError, TypeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    row["bad_input"] = errors
     out.append(row)
 print(json.dumps(out))
 """
@@ -84,6 +91,16 @@ def test_allreduce_softmax_equals_psum_then_softmax(results):
 
 def test_race_detector_sees_the_missing_handshake(results):
     assert [r["racy_races"] for r in results if "racy_races" in r] == [True]
+
+
+def test_bad_input_names_the_argument(results):
+    for row in results:
+        got = row["bad_input"]
+        assert got[0].startswith("ValueError: x must be a 2-D array"), got[0]
+        assert got[1].startswith("ValueError: x has") and "multiple" in got[1], got[1]
+        assert got[2].startswith("ValueError: x (") and "w's rows" in got[2], got[2]
+        assert got[3].startswith("ValueError: x has") and "multiple of n" in got[3], got[3]
+        assert got[4].startswith("TypeError: x must be floating point"), got[4]
 
 
 def test_counts():

@@ -21,3 +21,14 @@ def interpret_params(detect_races: bool = False):
     if not pallas_interpret():
         return False
     return pltpu.InterpretParams(detect_races=detect_races)
+
+
+def races_found(result) -> bool:
+    """Whether TPU interpret mode's race detector (detect_races=True) saw a race in the kernel
+    that produced `result`. Waits for `result` first: dispatch is asynchronous, and the
+    detector's state is only final once the kernel has run. The state lives in a private jax
+    module (jax 0.10), read here and nowhere else."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interp
+
+    jax.block_until_ready(result)
+    return bool(interp.races is not None and interp.races.races_found)
