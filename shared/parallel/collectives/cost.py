@@ -65,10 +65,7 @@ def path(algo: str, n: int, nbytes: float) -> tuple[float, float]:
         return 0.0, 0.0
     if algo == "ring":
         return 2 * (n - 1), 2 * (n - 1) / n * nbytes
-    if algo == "tree":
-        m = tree_messages(n)
-        return m, m * nbytes
-    if algo == "double_tree":  # two half-size trees share each rank's one port
+    if algo in ("tree", "double_tree"):  # the double tree's two half-size trees share a port
         m = tree_messages(n)
         return m, m * nbytes
     if algo == "halving_doubling":
