@@ -227,6 +227,14 @@ def _raise_mid_ring():
     collectives.ring_all_reduce(torch.ones(10))
 
 
+def _die_mid_ring():
+    if dist.get_rank() == 1:
+        import os
+        os._exit(3)  # no Python exception, no traceback: the process is simply gone
+    launch.TIMEOUT_S = 5.0
+    collectives.ring_all_reduce(torch.ones(10))
+
+
 def _hang_mid_ring():
     if dist.get_rank() == 1:
         time.sleep(600)
@@ -239,6 +247,17 @@ def test_a_failing_rank_ends_the_ring_with_its_error():
     with pytest.raises(RuntimeError, match="rank 1 failed first(.|\n)*rank 1 gave up"):
         launch.spawn(_raise_mid_ring, 2, timeout_s=120)
     assert time.monotonic() - start < 100  # ended by the failure, not the deadline
+
+
+def test_a_dying_rank_ends_the_ring():
+    """A rank that vanishes (no traceback) ends the run at once: its peer's receive fails with
+    the lost connection. (launch names the rank that left a traceback; see the report on
+    naming the vanished one.)"""
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 died|rank 0 failed first(.|\n)*"
+                       "(Connection reset|Connection closed|TimeoutError)"):
+        launch.spawn(_die_mid_ring, 2, timeout_s=120)
+    assert time.monotonic() - start < 100
 
 
 def test_a_hung_rank_times_out_its_peers():
