@@ -5,10 +5,16 @@ accounting, torch's FSDP2 on the same model, and a failing rank that ends the ru
 import pytest
 import torch
 
-from shared.benchmarks.zero import one_thread
+from shared.benchmarks.zero import one_thread, ring_time
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
-from shared.parallel.zero.accounting import engine_traffic, paper_bytes, paper_traffic
+from shared.parallel.zero.accounting import (
+    FIGURE_1,
+    engine_traffic,
+    fit_replicated_sharded,
+    paper_bytes,
+    paper_traffic,
+)
 from shared.parallel.zero.engine import STAGES, ZeroEngine
 from shared.parallel.zero.flat import FlatUnit
 from shared.parallel.zero.model import FROZEN, ModelSpec, build_model, trainable_numel, units
@@ -124,3 +130,17 @@ def test_bad_arguments():
         FlatUnit("root", [w, w], 2, 0, torch.float32)
     with pytest.raises(ValueError, match="frozen"):
         FlatUnit("x", [model.get_parameter(FROZEN)], 2, 0, torch.float32)
+
+
+def test_formulas():
+    """Figure 1 from the formulas (the paper rounds to 0.1 GB); the a + b/Nd fit recovers
+    exact data; the α-β ring time of one pass is (n - 1)(α + bytes / n / β)."""
+    for stage, gb in FIGURE_1.items():
+        assert sum(paper_bytes(stage, 7.5e9, 64).values()) / 1e9 == pytest.approx(gb, abs=0.05)
+    a, b = fit_replicated_sharded([1, 2, 4], [3 + 8 / n for n in (1, 2, 4)])
+    assert (a, b) == (pytest.approx(3), pytest.approx(8))
+    assert ring_time(8e6, 4, 1e-5, 1e9, 1) == pytest.approx(3 * (1e-5 + 2e-3))
+    with pytest.raises(ValueError, match="stage"):
+        paper_bytes(4, 1e9, 8)
+    with pytest.raises(ValueError, match="nd"):
+        paper_bytes(1, 1e9, 0)

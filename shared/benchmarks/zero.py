@@ -139,15 +139,15 @@ def ring_time(nbytes: float, n: int, alpha: float, beta: float, passes: int) -> 
 
 
 def h100_efficiency(psi: float, tokens_per_gpu: int, n: int = 8, *, stage: int = 0,
-                    alpha: float = 10e-6, mfu: float = 0.5) -> dict[str, float]:
-    """Predicted weak-scaling efficiency of data parallelism on n H100s over NVLink 4 (α-β):
-    compute = 6 Ψ tokens FLOPs at `mfu` of the bf16 peak (an assumption: the roofline peak
-    alone would give the most pessimistic efficiency); bf16 gradients (2Ψ bytes) all-reduced
-    (DDP: 2 ring passes; ZeRO-3: 3 passes of the parameters or gradients). Two bounds: nothing
-    overlapped, and communication hidden behind the backward (2/3 of the compute) as far as it
-    fits."""
-    hw = roofline.HARDWARE["H100 SXM"]
-    compute = 6 * psi * tokens_per_gpu / (hw.peak("bf16") * mfu)
+                    alpha: float = 10e-6) -> dict[str, float]:
+    """Predicted weak-scaling efficiency of data parallelism on n H100s over NVLink 4 (α-β).
+    Compute: the roofline time of one step's counted work, 6 Ψ FLOPs per token (forward 2,
+    backward 4) and the bf16 weights read three times plus the gradients written once (8Ψ
+    bytes), at the bf16 peak: the shortest compute, so the most pessimistic efficiency.
+    Communication: bf16 gradients (2Ψ bytes) over the ring, 2 passes for DDP, 3 for ZeRO-3
+    (§7). Two bounds: nothing overlapped, and communication hidden behind the backward
+    (2/3 of the compute) as far as it fits. α per ring step is an assumption."""
+    compute = roofline.predict(6 * psi * tokens_per_gpu, 8 * psi, "H100 SXM", "bf16").time_s
     comm = ring_time(2 * psi, n, alpha, LINKS["H100 SXM"]["NVLink 4"], 3 if stage == 3 else 2)
     exposed = max(0.0, comm - 2 / 3 * compute)
     return {"compute_s": compute, "comm_s": comm,
