@@ -73,14 +73,14 @@ def test_latencies_on_both_clocks():
     rs = list(run.engine.requests.values())
     assert np.allclose(lat["ttft_steps"], [r.token_times[0] - r.arrival for r in rs])
     assert len(lat["tbt_steps"]) == sum(len(r.output) - 1 for r in rs)
-    run.wall = np.ones_like(run.wall)          # one second a step: seconds = steps run
+    run.cpu = np.ones_like(run.cpu)            # one second a step: seconds = steps run
     lat = run.latencies()
     ran = [np.searchsorted(run.clock, r.token_times[0], side="right")
            - np.searchsorted(run.clock, r.arrival, side="right") for r in rs]
     assert np.allclose(lat["ttft_s"], ran) and (lat["ttft_s"] >= 1).all()
     s = run.summary()
     assert s["tokens"] == sum(sp.max_tokens for _, sp, _ in reqs)
-    assert s["wall_s"] == len(run.steps)
+    assert s["cpu_s"] == len(run.steps)
 
 
 def test_multi_turn_chat_hits_the_cache_and_each_turn_equals_its_solo_run():
@@ -96,3 +96,18 @@ def test_multi_turn_chat_hits_the_cache_and_each_turn_equals_its_solo_run():
             assert r.arrival >= prev.token_times[-1]
             assert r.num_cached >= (len(prev.tokens) // 8 - 1) * 8   # its full blocks hit
     assert run.summary()["cached_tokens"] > 0
+
+
+def test_hit_ceiling_counts_full_blocks_of_the_longest_earlier_prefix():
+    from shared.serving.request import Request, SamplingParams
+
+    def req(i, prompt, out=()):
+        r = Request(i, tuple(prompt), SamplingParams(), float(i))
+        r.output = list(out)
+        return r
+
+    a = req(0, range(10), out=[50, 51, 52, 53])           # 10 prompt tokens, then its answer
+    b = req(1, list(range(10)) + [50, 51, 52, 7, 8])      # shares 13 with a's tokens
+    c = req(2, range(9))                                   # all of it is a prefix of a
+    # blocks of 4: b hits 12 (13 floored); c hits 8 (its last token must run, 8 floored)
+    assert cb.hit_ceiling([a, b, c], 4) == (12 + 8) / (10 + 15 + 9)

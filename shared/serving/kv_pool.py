@@ -8,14 +8,17 @@ counts) with the three things a prefix cache needs that it lacks:
 - `retain(block)` / `release(block)`: a holder that is not a sequence (the radix tree keeps
   a finished request's full blocks; the base frees a block when its last sequence goes).
 
-`forward` runs the tiny Llama once for the whole batch, Orca's "selective batching" (§4.2)
-done the simple way: rows are padded to the longest chunk, padded tokens write nothing and
-their outputs are dropped. Each row's keys are gathered through its block table
-(`RaggedPagedBatch.update`, the contract of shared/models/llama.py's caches), so a row sees its
-own cached prefix and nothing of the others.
+`forward` runs the tiny Llama once for the whole batch, Orca's "selective batching" (§4.2):
+the step's tokens are flattened, one batch row each, so the linear layers run on exactly the
+tokens scheduled (no padding to the longest chunk), while attention stays per request: each
+token's keys are gathered through its request's block table (`RaggedPagedBatch.update`, the
+contract of shared/models/llama.py's caches), so it sees its own cached prefix and nothing of
+the others.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -99,27 +102,28 @@ class KVPool:
     @torch.no_grad()
     def forward(self, model: Llama, rows: list[tuple[object, list[int], int]]) -> torch.Tensor:
         """rows: (seq, token ids, position of the first) whose slots the manager already holds.
-        -> logits [len(rows), V] at each row's last token."""
+        -> logits [len(rows), V] at each row's last token.
+
+        Every token of the step is its own batch row of length 1 (its position, its slot, its
+        request's block table), so nothing is padded: the linear layers see exactly the step's
+        tokens, and each token's attention reads its own request's keys up to its position
+        (all of the step's K, V are stored before any is read, and the causal mask hides the
+        later ones of the same chunk)."""
         device, m = self.k.device, self.manager
-        T = max(len(toks) for _, toks, _ in rows)
-        tokens = torch.zeros(len(rows), T, dtype=torch.long)
-        positions = torch.zeros(len(rows), T, dtype=torch.long)
-        slots = torch.full((len(rows), T), -1, dtype=torch.long)
-        for r, (seq, toks, start) in enumerate(rows):
-            n = len(toks)
-            tokens[r, :n] = torch.tensor(toks)
-            # padding repeats the last position: a valid RoPE index, and its output is dropped
-            positions[r] = torch.arange(start, start + T).clamp(max=start + n - 1)
-            slots[r, :n] = torch.tensor([m.slot(seq, p) for p in range(start, start + n)])
-        tables = [m.block_table(seq) for seq, _, _ in rows]
-        width = max(len(t) for t in tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        flat = [(seq, tok, start + i) for seq, toks, start in rows
+                for i, tok in enumerate(toks)]
+        tokens = torch.tensor([[tok] for _, tok, _ in flat])
+        positions = torch.tensor([[pos] for _, _, pos in flat])
+        slots = torch.tensor([[m.slot(seq, pos)] for seq, _, pos in flat])
+        table = {seq: m.block_table(seq) for seq, _, _ in rows}
+        width = max(len(t) for t in table.values())
+        tables = torch.tensor([table[seq] + [0] * (width - len(table[seq])) for seq, _, _ in flat])
         batch = RaggedPagedBatch(self.k, self.v, slots.to(device), tables.to(device),
                                  self.block_size)
         positions = positions.to(device)
         h = model.embed(tokens.to(device))
         for block in model.layers:
             h = block(h, cache=batch, positions=positions)
-        last = torch.tensor([len(toks) - 1 for _, toks, _ in rows], device=device)
-        h = h[torch.arange(len(rows), device=device), last]          # [B, D]: last token only
-        return model.lm_head(model.norm(h))
+        last = torch.tensor(list(itertools.accumulate(len(toks) for _, toks, _ in rows)),
+                            device=device) - 1
+        return model.lm_head(model.norm(h[last, 0]))                   # [B, V]: last tokens

@@ -5,8 +5,9 @@ step-time model instead of run, so a trace can be replayed "on an H100" from thi
 `computed`, one token for every request whose tokens are all in, finish — but the token is a
 placeholder and the clock advances by `step_time(step)` seconds. With greedy requests and no
 stop conditions the schedule does not depend on which tokens come out, so it is the engine's
-schedule step for step (tests/test_continuous_batching.py checks it); arrivals are in the same
-unit as step_time's result.
+schedule step for step (tests/test_continuous_batching.py checks it) — except that with the
+prefix cache on, a later prompt that continues an earlier request's *answer* hits blocks the
+placeholders do not match. Arrivals are in the same unit as step_time's result.
 
 `roofline_step_time(shape, hw)` prices a step from counted work (the `shared.roofline` bound
 of its FLOPs and bytes): every weight read once per step, each row's K, V read once per layer,
