@@ -7,7 +7,14 @@ from kernels.quant import quantize, quantized_matmul, quantized_matmul_reference
 from shared.check import assert_close, fresh_seed
 from shared.models.llama import Llama, LlamaConfig
 from shared.quant.gptq import gptq_quantize, hessian
-from shared.quant.model import QuantLinear, model_bits, perplexity, quantize_model
+from shared.quant.model import (
+    QuantLinear,
+    layer_output_error,
+    model_bits,
+    perplexity,
+    quantize_model,
+    record_inputs,
+)
 
 
 def _layer(seed, n=48, k=128, tokens=512):
@@ -84,3 +91,16 @@ def test_quantize_model_replaces_block_linears():
     assert 8 + 32 / 128 <= bits <= 8 + 32 / 64      # one fp32 scale per row, K = 64 or 128
     with pytest.raises(ValueError, match="method='gptq' produces int4"):
         quantize_model(model, "nf4", method="gptq", calib=calib)
+
+
+def test_layer_output_error_orders_formats():
+    torch.manual_seed(fresh_seed())
+    cfg = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
+                      max_seq_len=64)
+    model = Llama(cfg).eval()
+    inputs = record_inputs(model, torch.randint(0, 256, (2, 32)))
+    assert len(inputs) == 14 and all(x.shape[0] == 64 for x in inputs.values())
+    assert layer_output_error(model, model, inputs) == 0.0
+    errs = [layer_output_error(model, quantize_model(model, fmt, group_size=g), inputs)
+            for fmt, g in (("int8", None), ("int4", 32), ("int4", 64))]
+    assert 0 < errs[0] < errs[1] < errs[2] < 0.1

@@ -158,3 +158,17 @@ def model_bits(model: Llama) -> tuple[float, int]:
         else:
             other += 2 * p.numel()
     return 8 * qbytes / qparams, qbytes + other
+
+
+@torch.no_grad()
+def layer_output_error(model: Llama, quantized: Llama, inputs: dict[str, torch.Tensor]) -> float:
+    """Σ ‖X Wᵀ − layer_q(X)‖² / Σ ‖X Wᵀ‖² over every block linear, X the full-precision model's
+    own inputs to that layer (`record_inputs(model, tokens)`): GPTQ's objective, summed."""
+    num = den = 0.0
+    exact = {name: lin for _, name, _, _, lin in block_linears(model)}
+    for _, name, _, _, lin in block_linears(quantized):
+        x = inputs[name]
+        want = F.linear(x, exact[name].weight)
+        num += float(((lin(x) - want).double() ** 2).sum())
+        den += float((want.double() ** 2).sum())
+    return num / den
