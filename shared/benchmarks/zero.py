@@ -155,8 +155,8 @@ def h100_efficiency(psi: float, tokens_per_gpu: int, n: int = 8, *, stage: int =
 
 
 CKPT_NS = pick(ci=[4, 9, 16, 25], full=[4, 9, 16, 25, 36, 49, 64])
-CKPT_TIME_N = pick(ci=16, full=64)
-CKPT_ROUNDS = pick(ci=12, full=20)
+CKPT_TIME_N = pick(ci=9, full=64)
+CKPT_ROUNDS = pick(ci=20, full=30)
 
 
 def checkpoint_model(n: int, seed: int = 0) -> Llama:
