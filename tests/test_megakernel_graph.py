@@ -138,3 +138,19 @@ def test_simulator_bounds_and_ablations():
             for p in g["tasks"]:
                 if e in p["triggers"]:
                     assert start[t["id"]] >= end[p["id"]] + gpu.event_s - 1e-15
+
+
+def test_predictions_and_counted_eager_kernels():
+    import torch
+
+    from shared.benchmarks import megakernel as mk
+    from shared.models.llama import Llama
+
+    p = mk.predicted(2, 64, config=TINY)
+    assert p["launches"] == 1 + 10 * TINY.n_layers + 3
+    assert p["per_op_ms"] > p["per_op_no_launch_ms"] > 0 and p["persistent_ms"] > 0
+    assert p["speedup"] == pytest.approx(p["launch_only_speedup"] * p["overlap_only_speedup"])
+    torch.manual_seed(0)
+    eager = mk.eager_kernels_per_step(Llama(TINY).eval())
+    # torch eager runs at least one kernel per operator of the graph (often several)
+    assert eager >= len(operators(build_decode_graph(TINY, 1))), eager

@@ -97,7 +97,8 @@ class MegakernelDecoder:
         if POISON:   # every activation a task reads must have been written this step
             self.state["WS"].fill_(float("nan"))
             self.state["OUT"].fill_(-1)
-        state = self.state | {"TOK": tokens, "POS": self.cache.lengths}
+        # the embed task reads TOK[b] at offset b: a strided view (prompt[:, -1]) must be copied
+        state = self.state | {"TOK": tokens.contiguous(), "POS": self.cache.lengths}
         run = [(self.queue, self.qstart)] if mode == "persistent" else self.per_op
         for queue, qstart in run:
             launch(self.tables, state, queue=queue, qstart=qstart, epoch=self.epoch,

@@ -95,8 +95,8 @@ def topological_order(graph: dict) -> list[int]:
                 ready.append(s)
     if len(order) < len(preds):
         stuck = [t for t, d in enumerate(indeg) if d > 0]
-        raise GraphError(f"the graph has a cycle: {len(stuck)} tasks wait on each other, e.g. "
-                         + ", ".join(_task_name(graph, t) for t in stuck[:4]))
+        raise GraphError(f"the graph has a cycle: {len(stuck)} tasks are on it or wait behind "
+                         "it, e.g. " + ", ".join(_task_name(graph, t) for t in stuck[:4]))
     return order
 
 
