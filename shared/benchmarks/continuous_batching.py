@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shared import bench
+from shared.benchmarks import record
 from shared.models import zoo
 from shared.serving import Engine, SamplingParams, SchedulerConfig
 from shared.serving.loadgen import arrivals, make_trace
@@ -239,5 +240,5 @@ def main() -> int:
     reqs = trace(n, 0.25, seed=0)
     for policy in ("sarathi", "prefill_first", "static"):
         s = replay(reqs, SchedulerConfig(token_budget=64, policy=policy, **base)).summary()
-        print(f"{policy:14s} " + ", ".join(f"{k} {v:.4g}" for k, v in s.items()))
+        record("continuous-batching", {"policy": policy, **s})   # step counts + CPU times
     return 0

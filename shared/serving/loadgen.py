@@ -138,7 +138,11 @@ async def run(url: str, trace: list[TraceRequest], *, model: str | None = None,
               progress: bool = True) -> tuple[dict, list[Result]]:
     """Replay `trace` against the server at `url` (…/v1); -> (summary, per-request results).
     The model defaults to the server's first. Raises Unreachable if nothing answers."""
-    import openai
+    try:
+        import openai
+    except ImportError as e:        # a dev dependency today: say what to install
+        raise ValueError("kclub loadgen needs the openai client: pip install 'openai>=3.57'") \
+            from e
     from tqdm.auto import tqdm
 
     client = openai.AsyncOpenAI(base_url=url, api_key="loadgen", timeout=timeout_s,
