@@ -14,6 +14,7 @@ from shared.check import assert_close, fresh_seed, rel_error, tolerance
 from shared.models.llama import LlamaConfig
 from shared.parallel.tensor import ColumnParallelLinear, RowParallelLinear, TPComm, run
 from shared.parallel.tensor.model import head_split
+from shared.parallel.tensor.torch_tp import TorchTP
 
 FP32 = tolerance(torch.float32)
 
@@ -101,10 +102,19 @@ def test_tp2_and_tp4_equal_the_single_process_model(weights):
     jobs = [dataclasses.replace(job, tp=2), job,  # TP=2 twice (two groups) and TP=4, 4 ranks
             run.Timing(LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
                                    ffn_dim=96, max_seq_len=32), batch=2, seq=16, slot_s=None,
-                       rounds=2, tp=2)]
+                       rounds=2, tp=2),
+            TorchTP(job.tokens, job.targets, tp=2, rounds=2)]
     results = run.launch(jobs, 4, weights, timeout_s=240)
     timing = results[2]
     assert len(timing) == 2 and all(len(r["times"]) == 2 for r in timing)
+    # torch's own TP (DTensor) on the same model: same loss and gradients; its per-module plan
+    # all-reduces each column layer's input gradient: 2 forward + 5 backward per layer.
+    theirs = results[3][0]
+    assert abs(theirs["loss"] - ref["loss"]) <= FP32 * abs(ref["loss"])
+    for name, full in ref["grads"].items():
+        assert_close(theirs["grads"][name], full, tol=FP32, what=f"torch TP grad {name}")
+    assert theirs["comm_counts"] == {"all_reduce": 7 * n_layers}
+    assert len(theirs["times"]["ours"]) == len(theirs["times"]["torch"]) == 2
     for p, ranks in ((2, results[0]), (4, results[1])):
         _check(ranks, ref, p, n_layers)
         by_p[p] = ranks

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 from kernels.device import gpu_available
 from shared import roofline
+from shared.bench import ratio
 from shared.benchmarks import record
 from shared.benchmarks.pipeline_parallel import LINKS
 from shared.device import pick
 from shared.models.llama import LlamaConfig
 from shared.parallel.comm_log import ring_volume
 from shared.parallel.tensor import run
+from shared.parallel.tensor.torch_tp import TorchTP
 
 PS = (1, 2, 4)
 PROOF = {"batch": pick(ci=2, full=8), "seq": pick(ci=64, full=256), "seed": 0}
@@ -53,15 +55,17 @@ def timing_job(p: int) -> run.Timing:
                       rounds=pick(ci=5, full=10), tp=p)
 
 
-def run_all(weights: dict, proof: run.Proof) -> dict[int, list[dict]]:
-    """p -> each rank's [proof result, timing result]. One spawn of 4 ranks serves p = 2
-    (groups of 2) and p = 4; p = 1 runs in this process."""
+def run_all(weights: dict, proof: run.Proof) -> dict:
+    """p -> each rank's [proof result, timing result], and "torch" -> the first p = 2 group's
+    results of torch's own tensor parallelism (torch_tp.TorchTP) on the same batch. One spawn
+    of 4 ranks serves p = 2 (groups of 2) and p = 4; p = 1 runs in this process."""
     one = run.in_process([proof, timing_job(1)], weights)
-    jobs = [dataclasses.replace(proof, tp=2), timing_job(2), dataclasses.replace(proof, tp=4),
-            timing_job(4)]
+    jobs = [dataclasses.replace(proof, tp=2), timing_job(2),
+            TorchTP(proof.tokens, proof.targets, tp=2, rounds=pick(ci=5, full=10)),
+            dataclasses.replace(proof, tp=4), timing_job(4)]
     res = run.launch(jobs, max(PS), weights, timeout_s=400)
-    return {1: [one], 2: [list(r) for r in zip(res[0], res[1], strict=True)],
-            4: [list(r) for r in zip(res[2], res[3], strict=True)]}
+    return {1: [one], 2: [list(r) for r in zip(res[0], res[1], strict=True)], "torch": res[2],
+            4: [list(r) for r in zip(res[3], res[4], strict=True)]}
 
 
 # ---- formulas -------------------------------------------------------------------------------
@@ -204,6 +208,11 @@ def main() -> int:
         record("tensor parallel: weak-scaling step (emulated compute on CPU)",
                {"p": p, "step_s": statistics.median(step_times(results, p)),
                 "predicted_s": gloo_predicted_step(results, p)})
+    theirs = results["torch"][0]
+    q = ratio(theirs["times"]["ours"], theirs["times"]["torch"])
+    record("tensor parallel: step time ours / torch.distributed.tensor.parallel, p=2",
+           {"ratio": q.median, "low": q.low, "high": q.high, "rounds": q.n,
+            "torch_all_reduces": theirs["comm_counts"].get("all_reduce")})
     k = calibrate(MEGATRON_WEAK[-1], MEGATRON_MEASURED[8], V100)
     for shape in MEGATRON_WEAK:
         for name, hw in (("V100 DGX-2H", V100), ("H100 NVLink", h100_nvlink())):

@@ -37,6 +37,10 @@ class Proof:
     targets: torch.Tensor  # [batch, seq]: tokens shifted by one
     tp: int | None = None  # tensor-parallel size (None: every rank); groups of consecutive ranks
     fail_rank: int = -1    # a rank that raises on purpose (to prove a failure ends the run)
+    first_group_only = False  # every group runs it (data-parallel replicas)
+
+    def execute(self, weights: dict, comm: TPComm) -> dict:
+        return _proof(self, weights, comm)
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class Timing:
     slot_s: float | None = 0.02   # emulated compute per segment (None: real compute)
     rounds: int = 5
     tp: int | None = None         # only the first group of this size runs; the others wait
+    first_group_only = True
+
+    def execute(self, weights: dict | None, comm: TPComm) -> dict:
+        return _timing(self, comm)
 
 
 def target_weights() -> dict:
@@ -182,8 +190,7 @@ def _time_steps(job: Timing, comm: TPComm) -> dict:
 
 
 def _run(jobs: list, weights: dict | None, comm: TPComm) -> list[dict]:
-    return [_proof(j, weights, comm) if isinstance(j, Proof) else _timing(j, comm)
-            for j in jobs]
+    return [job.execute(weights, comm) for job in jobs]
 
 
 def tp_groups(tp: int) -> TPComm:
@@ -201,7 +208,9 @@ def tp_groups(tp: int) -> TPComm:
 def worker(jobs: list, weights: dict | None) -> list[dict | None]:
     """One rank: every job in order (runs inside the process group spawn or torchrun set up).
     A job with `tp` smaller than the world runs on groups of tp ranks: a proof on every group
-    (data-parallel replicas), a timing on the first group only, the other ranks waiting."""
+    (data-parallel replicas), a timing (`first_group_only`) on the first group only, the
+    other ranks waiting. A job is any object with `tp`, `first_group_only` and
+    `execute(weights, comm)` (Proof, Timing, torch_tp.TorchTP)."""
     world, comms, out = dist.get_world_size(), {}, []
     for job in jobs:
         tp = job.tp or world
@@ -209,7 +218,7 @@ def worker(jobs: list, weights: dict | None) -> list[dict | None]:
             comms[tp] = tp_groups(tp)
         first = dist.get_rank() < tp
         out.append(_run([job], weights, comms[tp])[0]
-                   if isinstance(job, Proof) or first else None)
+                   if first or not job.first_group_only else None)
         dist.barrier()  # one job at a time on every rank (timings see no other job)
     return out
 
