@@ -112,9 +112,22 @@ def _overlap_worker():
     return {"acts": acts, "douts": douts, "runs": out, "buckets": buckets}
 
 
+def _subgroup_worker():
+    """Even and odd ranks as two groups (every rank creates both, as new_group requires)."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    groups = {p: dist.new_group([r for r in range(n) if r % 2 == p]) for p in (0, 1)}
+    x = _inputs(rank, (11,), torch.float32, 77)
+    out = {"x": x}
+    for name in ALL_REDUCE:
+        t = x.clone()
+        getattr(collectives, name)(t, group=groups[rank % 2])
+        out[name] = t
+    return out
+
+
 def _worker():
     return {"all_reduce": _all_reduce_worker(), "rs_ag": _rs_ag_worker(),
-            "a2a": _a2a_worker(), "overlap": _overlap_worker()}
+            "a2a": _a2a_worker(), "overlap": _overlap_worker(), "groups": _subgroup_worker()}
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4])
@@ -204,6 +217,16 @@ def test_bucketed_backward_averages_gradients(ranks):
             first_comm = min(s for _, _, s, _ in comm)
             # overlap: the first bucket leaves before the backward ends; without: after
             assert (first_comm < last_compute) == mode, (mode, first_comm, last_compute)
+
+
+def test_all_reduce_within_a_subgroup(ranks):
+    n, res = ranks
+    res = [r["groups"] for r in res]
+    for rank, r in enumerate(res):
+        members = [j for j in range(n) if j % 2 == rank % 2]
+        want = sum(res[j]["x"].double() for j in members)
+        for name in ALL_REDUCE:
+            assert (r[name].double() - want).abs().max() < 1e-5, (name, n, rank)
 
 
 def test_double_tree_leaves_of_one_are_interior_in_the_other():
