@@ -78,8 +78,9 @@ claims: setup
 	@$(BIN)/kclub claims
 
 # A static site of the executed labs (outputs and figures), the claims table, the cards, docs/
-# and the GPU reports: build/site/index.html. Labs without an executed copy in build/<slug>/
-# are run first (kclub run); the build fails on a broken link or a lab page missing a figure.
+# and the GPU reports: build/site/index.html. A lab's page is its executed copy in build/<slug>/
+# (nbval in `make test` and `kclub run` both write it); labs without a current one are run first.
+# The build fails on a broken link or on a lab page missing a figure.
 site: setup
 	$(BIN)/python -m shared.site --run
 

@@ -1,7 +1,8 @@
 """`make site` (python -m shared.site): a static site of the executed labs, with the claims
 table, the paper cards, the project's docs and the GPU reports. Sphinx with MyST-NB; nothing is
-executed at build time: a lab page is the notebook `kclub run` executed into build/<slug>/, so
-its outputs and figures are the ones that run made (`--run` executes the labs that lack one).
+executed at build time: a lab page is the notebook executed into build/<slug>/<slug>.ipynb by
+`kclub run` or by nbval in `make test` (labs/conftest.py saves it), so its outputs and figures
+are the ones that run made (`--run` executes the labs that lack a current one).
 
 The source tree mirrors the repository (labs/, papers/, docs/), so the labs' relative links to
 ../papers/ and ../docs/ resolve as they do on GitHub. Links to code files (../shared/x.py) point
