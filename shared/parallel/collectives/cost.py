@@ -15,8 +15,8 @@ layout, 4 ranks have 6 messages on the tree's path and 6 on the ring's: no cross
 busbw (nccl-tests, doc/PERFORMANCE.md): algbw = S / t; busbw = algbw × the bytes a rank must
 move per byte of S under the best algorithm: all-reduce 2(n-1)/n (reduce-scatter (n-1)/n + all-
 gather (n-1)/n), reduce-scatter and all-gather (n-1)/n, broadcast and reduce 1. It reads as
-"link bandwidth used" only for bandwidth-optimal algorithms: a tree moving S per level, or a
-busbw that beats the link (shared memory, a rank reading its own chunk) breaks the reading.
+"link bandwidth used" only when the algorithm moves the ring's bytes: a tree moves S per level,
+and in-network reduction (NVLink SHARP) moves about S per rank, so its busbw reads above the link.
 """
 
 from __future__ import annotations
