@@ -44,8 +44,12 @@ KERNEL_TESTS = ["tests/test_softmax.py", "tests/test_attention.py", "tests/test_
 OPTIONAL = ["hypothesis", "transformers", "nbval", "jax", "pytest_timeout", "xdist"]
 VERSIONS = ["torch", "triton", "jax", "jaxlib", "transformers", "hypothesis", "pytest"]
 # Seconds per step, measured against nothing yet on an H100: set to fit 330 s with margin.
-BUDGETS = {"tests": 150, "flash-attention": 55, "online-softmax": 25, "moe-routing": 40,
-           "speculative-decoding": 40, "paged-attention": 40, "pipeline-parallel": 10}
+# GPU-only measurements of kernels whose labs measure on the CPU: (name, module with main())
+GPU_EXTRAS = [("quantization-gpu", "shared.benchmarks.quantization_gpu"),
+              ("megakernel-gpu", "shared.benchmarks.megakernel_gpu")]
+BUDGETS = {"tests": 130, "flash-attention": 55, "online-softmax": 25, "moe-routing": 30,
+           "speculative-decoding": 35, "paged-attention": 30, "pipeline-parallel": 10,
+           "quantization-gpu": 35, "megakernel-gpu": 35}
 DRY_BUDGETS = {"tests": 60, "default": 25}
 RESERVE_S = 8          # kept back from every step for the report itself
 LOCAL = {"kernels", "shared", "tests", "scripts", "__future__"}
@@ -229,7 +233,7 @@ def tests_step(run: Run, files: list[str], extra: list[str]) -> None:
     run.save()
 
 
-def bench_step(run: Run, slug: str, module: str) -> None:
+def bench_step(run: Run, slug: str, module: str, *, lab: bool = True) -> None:
     budget = min(DRY_BUDGETS["default"] if run.dry else BUDGETS.get(slug, 30), run.left())
     entry = {"lab": slug, "module": module, "rows": []}
     if budget < 5:
@@ -239,8 +243,9 @@ def bench_step(run: Run, slug: str, module: str) -> None:
         rows.unlink(missing_ok=True)
         env = child_env(run, KC_BENCH_JSON=str(rows),
                         KC_BENCH_DEADLINE=str(time.time() + budget - 5))
-        entry.update(run_step(run, f"bench {slug}",
-                              [sys.executable, "-m", "shared.cli", "bench", slug], env, budget))
+        argv = [sys.executable, "-m", "shared.cli", "bench", slug] if lab else \
+            [sys.executable, "-m", module]
+        entry.update(run_step(run, f"bench {slug}", argv, env, budget))
         if rows.exists():
             entry["rows"] = [json.loads(line) for line in rows.read_text().splitlines() if line]
             rows.unlink()
@@ -264,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args.out, args.budget, args.dry_run)
     catalog = labs.discover()
     slugs = args.labs.split(",") if args.labs else list(catalog)
+    slugs = [s for s in slugs if s != "extras"]       # --labs ...,extras: the GPU_EXTRAS too
     unknown = [s for s in slugs if s not in catalog]
     if unknown:
         raise SystemExit(f"--labs: no lab {unknown}; labs: {', '.join(catalog)}")
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     for slug in slugs:
         if catalog[slug].bench:
             bench_step(run, slug, catalog[slug].bench)
+    for name, module in GPU_EXTRAS if not args.labs or "extras" in args.labs else ():
+        bench_step(run, name, module, lab=False)
     partial = [f"tests: {run.report['tests'].get('status')}"] \
         if run.report["tests"].get("status") in ("timeout", "not run") else []
     partial += [f"{b['lab']}: {b['status']}" for b in run.report["bench"]
