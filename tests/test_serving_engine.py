@@ -295,3 +295,16 @@ def test_bad_sampling_params_name_the_argument(kwargs, name):
 def test_bad_scheduler_config_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SchedulerConfig(**kwargs)
+
+
+def test_history_is_bounded_when_asked():
+    engine = Engine(model(), SchedulerConfig(block_size=4, num_blocks=16, token_budget=8),
+                    history_limit=3)
+    engine.add_request(list(range(5)), SamplingParams(max_tokens=12))
+    steps = []
+    while engine.has_unfinished():
+        steps.append(engine.step())
+    assert len(steps) > 6 and 3 <= len(engine.history) <= 6    # trimmed in halves
+    assert engine.history == steps[-len(engine.history):]       # the latest ones kept
+    with pytest.raises(ValueError, match="history_limit"):
+        Engine(model(), history_limit=0)
