@@ -298,8 +298,8 @@ def test_bad_scheduler_config_names_the_argument(kwargs, name):
 
 
 def test_history_is_bounded_when_asked():
-    engine = Engine(model(), SchedulerConfig(block_size=4, num_blocks=16, token_budget=8),
-                    history_limit=3)
+    engine = Engine(model(), SchedulerConfig(block_size=4, num_blocks=16, token_budget=8,
+                                             max_num_seqs=4), history_limit=3)
     engine.add_request(list(range(5)), SamplingParams(max_tokens=12))
     steps = []
     while engine.has_unfinished():
