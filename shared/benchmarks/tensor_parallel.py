@@ -61,7 +61,7 @@ def run_all(weights: dict, proof: run.Proof) -> dict:
     of 4 ranks serves p = 2 (groups of 2) and p = 4; p = 1 runs in this process."""
     one = run.in_process([proof, timing_job(1)], weights)
     jobs = [dataclasses.replace(proof, tp=2), timing_job(2),
-            TorchTP(proof.tokens, proof.targets, tp=2, rounds=pick(ci=5, full=10)),
+            TorchTP(proof.tokens, proof.targets, tp=2, rounds=pick(ci=4, full=10)),
             dataclasses.replace(proof, tp=4), timing_job(4)]
     res = run.launch(jobs, max(PS), weights, timeout_s=400)
     return {1: [one], 2: [list(r) for r in zip(res[0], res[1], strict=True)], "torch": res[2],
