@@ -41,6 +41,8 @@ JOBS = ([Job(s, steps=STEPS, params=True, impl="ring", label="proof") for s in S
         + [Job(3, steps=STEPS, params=True, impl="gloo", prefetch=False, world=2,
                label="proof"),
            Job(0, runtime="fsdp2", steps=STEPS, params=True, label="fsdp2")]
+        + [Job(s, steps=STEPS, params=True, impl="ring", loss_scale=2.0**10, plant_at=1,
+               label="overflow") for s in (2, 3)]
         + [Job(s, steps=1, dtype="bf16", impl="ring", world=n, label="bytes")
            for s in STAGES for n in NDS])
 
@@ -110,6 +112,21 @@ def test_bytes_on_the_wire(results, stage):
         assert rec["sent"] == [expected] * STEPS
     ratio = expected / (paper_traffic(stage, psi) * 4 * (P - 1) / P)
     assert (1 <= ratio < 1.01) if stage < 3 else (0.85 < ratio < 1)
+
+
+@pytest.mark.parametrize("j", [i for i, job in enumerate(JOBS) if job.label == "overflow"])
+def test_an_overflow_on_one_rank_skips_the_step_on_all(results, j):
+    """Rank 1 alone plants an inf in one gradient element at step 1: after the
+    reduce-scatter only the rank owning that element's shard sees it, yet every rank must skip
+    the step (loss scaling with an agreed overflow flag), leaving the parameters of one-process
+    training on steps 0 and 2."""
+    job = JOBS[j]
+    ref = reference(SPEC, STEPS, P * job.local_batch, lr=job.lr, skip=(1,))
+    for rec in results[id(job)]:
+        assert rec["skipped"] == [False, True, False]
+        for name, p in ref["params"].items():
+            err = ((rec["params"][name].double() - p.double()).norm() / p.double().norm()).item()
+            assert err < 2e-5, (job.stage, name, err)
 
 
 def test_a_failing_rank_ends_the_run():

@@ -39,12 +39,13 @@ STAGES = (0, 1, 2, 3)
 class StepResult:
     loss: float                 # this rank's loss (its local mean)
     state_bytes: dict[str, int]  # per-rank model states: see ZeroEngine.state_bytes
+    skipped: bool = False       # an inf/NaN gradient on any rank: no rank updated
 
 
 class ZeroEngine:
     def __init__(self, model: nn.Module, stage: int, comm: CommThread, *,
                  compute_dtype: torch.dtype = torch.float32, lr: float = 1e-3,
-                 prefetch: bool = True, slot_s: float | None = None):
+                 prefetch: bool = True, slot_s: float | None = None, scaler=None):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES} (0 is DDP), got {stage!r}")
         if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -54,6 +55,7 @@ class ZeroEngine:
             raise ValueError(f"slot_s must be None or > 0 seconds, got {slot_s!r}")
         self.model, self.stage, self.comm, self.prefetch = model, stage, comm, prefetch
         self.slot_s = slot_s
+        self.scaler = scaler  # a mixed_precision.LossScaler, or None
         self.world, self.rank = comm.world, comm.rank
         shard_world, shard_rank = (1, 0) if stage == 0 else (self.world, self.rank)
         self.units = [FlatUnit(name, ps, shard_world, shard_rank, compute_dtype)
@@ -168,21 +170,28 @@ class ZeroEngine:
             for buf in self.grad_bufs:
                 buf.zero_()
         loss = loss_fn(self.model, *args)
-        loss.backward()
+        (loss * self.scaler.scale if self.scaler else loss).backward()
         missing = [u.name for i, u in enumerate(self.units) if i not in self._grad_futs]
         if missing:
             raise RuntimeError(f"units {missing} got no gradient this step: every trainable "
                                "parameter must take part in the loss")
         grads = [self._grad_futs[i].result() for i in range(len(self.units))]
         grad_bytes = self._grad_bytes(grads)  # at the end of the backward: its peak
-        self._update(grads)
-        return StepResult(float(loss.detach()), {**self.state_bytes(), "grads": grad_bytes})
+        skipped = self._update(grads)
+        return StepResult(float(loss.detach()), {**self.state_bytes(), "grads": grad_bytes},
+                          skipped)
 
     @torch.no_grad()
-    def _update(self, grads: list[torch.Tensor]) -> None:
+    def _update(self, grads: list[torch.Tensor]) -> bool:
         for u, master, g in zip(self.units, self.masters, grads, strict=True):
             master.grad = u.my_slice(g).float() if self.stage == 0 else g.float()
             master.grad.div_(self.world)
+        if self.scaler and self._overflow():
+            for m in self.masters:
+                m.grad = None
+            if self.stage == 3:
+                self._free(0)
+            return True  # parameters unchanged everywhere: nothing to write back or gather
         self.opt.step()
         for m in self.masters:
             m.grad = None
@@ -198,6 +207,17 @@ class ZeroEngine:
             for s, m in zip(self.shards, self.masters, strict=True):
                 s.copy_(m)
             self._free(0)
+        return False
+
+    def _overflow(self) -> bool:
+        """Unscale this rank's gradient shards and agree on overflow with every rank: each
+        rank sees only its shard, so an inf one rank holds must stop all of them (else the
+        shards of one model would step apart). Updates the scaler."""
+        found = self.scaler.unscale_([m.grad for m in self.masters])
+        flag = torch.tensor([float(found)], device=self.masters[0].device)
+        found = bool(self.comm.all_reduce(flag, "found_inf").result().item() > 0)
+        self.scaler.update(found)
+        return found
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter by name, whole (ZeRO-3 gathers each unit, copies it, frees it)."""

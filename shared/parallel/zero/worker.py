@@ -19,7 +19,7 @@ import torch.distributed as dist
 from shared.models.llama import LlamaConfig
 from shared.parallel import comm_log, launch
 from shared.parallel.collectives.ring import ring_reduce_scatter
-from shared.parallel.memory.mixed_precision import DTYPES
+from shared.parallel.memory.mixed_precision import DTYPES, LossScaler
 from shared.parallel.zero.comm import CommThread
 from shared.parallel.zero.engine import ZeroEngine
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn
@@ -43,6 +43,8 @@ class Job:
     lr: float = 1e-2
     world: int | None = None       # Nd: the job runs on ranks 0..world-1 (None: all of them)
     fail_at: int | None = None     # fault injection: rank 1 raises at this step
+    loss_scale: float | None = None  # dynamic loss scaling from this scale (None: off)
+    plant_at: int | None = None    # rank 1 plants an inf in one gradient element at this step
     label: str = ""
     numel: int = 0                 # "collectives": fp32 elements per timed buffer
 
@@ -52,10 +54,11 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
     dev = launch.device()  # this rank's GPU under NCCL, else the CPU
     model = build_model(spec).to(dev)
     comm = CommThread(group, impl=job.impl)
+    scaler = LossScaler(job.loss_scale, growth_interval=1000) if job.loss_scale else None
     engine = ZeroEngine(model, job.stage, comm, compute_dtype=DTYPES[job.dtype], lr=job.lr,
-                        prefetch=job.prefetch, slot_s=job.slot_s)
+                        prefetch=job.prefetch, slot_s=job.slot_s, scaler=scaler)
     out = {"losses": [], "bytes": [], "times": [], "spans": [], "comm": [], "memory": [],
-           "sent": []}
+           "sent": [], "skipped": []}
     for step in range(job.steps):
         tokens, targets = batch(spec, step, world * job.local_batch)
         rows = slice(rank * job.local_batch, (rank + 1) * job.local_batch)
@@ -65,11 +68,18 @@ def run_job(spec: ModelSpec, job: Job, group=None) -> dict:
             engine.prefetch = step % 2 == 0
         if job.fail_at == step and rank == 1:
             raise RuntimeError(f"injected failure on rank 1 at step {step}")
+        planted = None
+        if job.plant_at == step and rank == 1:  # an overflow only rank 1 sees, in one element
+            planted = model.layers[0].ffn.down_proj.weight.register_hook(
+                lambda g: g.index_fill(1, torch.tensor([0], device=g.device), float("inf")))
         with comm_log.recording() as log:
             t0 = time.perf_counter()
             res = engine.step(loss_fn, tokens[rows].to(dev), targets[rows].to(dev))
             out["times"].append(time.perf_counter() - t0)
         out["sent"].append(log.bytes())  # bytes this rank put on the wire this step
+        out["skipped"].append(res.skipped)
+        if planted is not None:
+            planted.remove()
         out["losses"].append(res.loss)
         out["bytes"].append(res.state_bytes)
         out["spans"].append([(k, u, a - t0, b - t0) for k, u, a, b in engine.spans])
@@ -157,14 +167,18 @@ def zero_worker(spec: ModelSpec, jobs: list[Job]) -> list[dict | None]:
             if rank < (job.world or world) else None for job in jobs]
 
 
-def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2) -> dict:
+def reference(spec: ModelSpec, steps: int, global_batch: int, lr: float = 1e-2,
+              skip: tuple[int, ...] = ()) -> dict:
     """Single-process fp32 training on the whole global batch with torch.optim.Adam: the
-    losses per step and the final parameters every stage must reproduce."""
+    losses per step and the final parameters every stage must reproduce. Steps in `skip`
+    are left out (an overflow skipped them)."""
     model = build_model(spec)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
                            foreach=False)
     losses = []
     for step in range(steps):
+        if step in skip:
+            continue
         tokens, targets = batch(spec, step, global_batch)
         opt.zero_grad()
         loss = loss_fn(model, tokens, targets)
