@@ -3,6 +3,7 @@
 One `launch.spawn` of P = 4 ranks runs every job (starting processes costs more than the
 jobs; jobs on Nd = 1 or 2 ranks run in subgroups while the other ranks wait):
 - proof: DDP and ZeRO-1/2/3 with ring collectives, and torch's FSDP2, 3 fp32 steps, params back;
+  and ZeRO-3 with loss scaling where rank 1 alone meets an overflow at step 1;
 - bytes: one bf16 step per stage at Nd = 1, 2, 4 (per-rank model-state bytes, Figure 1's setup);
 - scaling: DDP and ZeRO-3 at Nd = 1, 2, 4 with emulated compute (each block's forward padded
   to SLOT_S and its backward to 2 SLOT_S: 4 ranks share 2 cores, so real compute would measure
@@ -62,6 +63,8 @@ def plan() -> list[Job]:
             for s in STAGES]
     jobs.append(Job(3, runtime="fsdp2", steps=3, params=True, local_batch=LOCAL_BATCH,
                     label="fsdp2"))
+    jobs.append(Job(3, steps=3, params=True, impl="ring", local_batch=LOCAL_BATCH,
+                    loss_scale=2.0**10, plant_at=1, label="overflow"))
     jobs += [Job(s, steps=1, dtype="bf16", impl="ring", world=n, local_batch=LOCAL_BATCH,
                  label="bytes") for s in STAGES for n in NDS]
     jobs += [Job(s, steps=SCALING_STEPS, impl="ring", world=n, slot_s=slot,
