@@ -13,7 +13,7 @@ import functools
 FAMILY = "quant"
 # (format, group): weight-only int8, LLM.int8 (int8 x int8), GPTQ-style int4 at g=128, NF4 with
 # and without double quantization
-FORMATS = (("int8", None), ("llm.int8", None), ("int4", 128), ("nf4", 64), ("nf4 no-dq", 64))
+CASE_FORMATS = (("int8", None), ("llm.int8", None), ("int4", 128), ("nf4", 64), ("nf4 no-dq", 64))
 
 
 @functools.cache
@@ -42,7 +42,7 @@ def triton_cases(add, dtypes) -> None:
         return go
 
     # every format in fp16; bf16 (another tl.dot) and fp32 (TF32, may spill) for the 4-bit ones
-    chosen = {"fp16": FORMATS, "bf16": FORMATS[2:4], "fp32": FORMATS[2:3]}
+    chosen = {"fp16": CASE_FORMATS, "bf16": CASE_FORMATS[2:4], "fp32": CASE_FORMATS[2:3]}
     for dt, formats in chosen.items():
         for fmt, _ in formats:
             for m in (13, 509):     # decode config (16-row tile, ragged), prefill (ragged)

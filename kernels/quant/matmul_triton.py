@@ -33,7 +33,7 @@ from kernels.device import INTERPRET, new_output
 from kernels.quant._args import check_matmul_args
 from kernels.quant.formats import DQ_BLOCK, FORMATS, NF4_CODE, QuantizedWeight
 from kernels.quant.reference import llm_int8_outlier_part, split_outliers
-from kernels.validate import check_same_device
+from kernels.validate import FLOAT_DTYPES, check_same_device
 
 FMT_ID = {"int8": 0, "llm.int8": 1, "int4": 2, "nf4": 3}
 
@@ -138,8 +138,8 @@ def quantized_matmul(x: torch.Tensor, qw: QuantizedWeight, *,
                      config: Config | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequantize(qw)ᵀ in x's dtype (fp32 accumulation), in one launch
     (plus, for llm.int8, the int8 cast of x and the 16-bit outlier matmul around it)."""
-    dtypes = (torch.float32, torch.float16) if INTERPRET else (*(torch.float32, torch.float16),
-                                                               torch.bfloat16)
+    # the interpreter computes bf16 on raw bits (CPU-NOTES.md): bf16 is for the GPU path
+    dtypes = FLOAT_DTYPES[:2] if INTERPRET else FLOAT_DTYPES
     m, k, n = check_matmul_args(x, qw, FORMATS)
     if x.dtype not in dtypes:
         raise TypeError(f"x must have dtype in {dtypes} here (the interpreter computes bf16 "
@@ -156,6 +156,8 @@ def quantized_matmul(x: torch.Tensor, qw: QuantizedWeight, *,
     group = qw.group_size or 1
     block_k = cfg.block_k if fmt <= 1 else min(group, cfg.block_k)   # divides the group
     code = NF4_CODE.to(x.device)
+    # formats without zeros or double quantization pass any tensor there: the constexpr
+    # branches that would read them are compiled out
     zero = qw.zero if qw.zero is not None else qw.scale
     dqs = qw.dq_scale if qw.dq_scale is not None else qw.scale
     dqm = qw.dq_mean if qw.dq_mean is not None else qw.scale

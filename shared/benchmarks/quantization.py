@@ -26,8 +26,6 @@ from kernels.quant.matmul_triton import config_for
 from shared import bench, iocount, roofline
 from shared.benchmarks import record
 
-FORMAT_BITS_NOTE = "stored bits per weight, constants included"
-
 
 def weight_bytes(fmt: str, k: int, n: int, group: int | None = None,
                  double_quant: bool = True) -> float:
