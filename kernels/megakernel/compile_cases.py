@@ -18,7 +18,7 @@ def _persistent(dtype, head_dim: int, group: int):
 
     def run():
         n = 8
-        tables = {"TASKS": torch.full((n, TASK_WIDTH), -1, dtype=torch.int64),
+        tables = {"TASKS": torch.full((n, int(TASK_WIDTH)), -1, dtype=torch.int64),
                   "EVENTS": torch.zeros(n, dtype=torch.int32),
                   "ERR": torch.zeros(1, dtype=torch.int32)}
         w = torch.zeros(4096, dtype=dtype)

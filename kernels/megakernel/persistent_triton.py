@@ -39,8 +39,9 @@ from kernels.megakernel.tasks_triton import (
 
 OPS = {"embed": 1, "rmsnorm": 2, "matmul": 3, "swiglu": 4, "rope": 5, "attention": 6, "add": 7,
        "argmax": 8}
-TASK_WIDTH = 16
-ARGS, WAIT0, WAIT1, TRIGGER = 1, 11, 13, 15
+# Columns of the task table; tl.constexpr so the kernel reads the same names as the packer.
+TASK_WIDTH = tl.constexpr(16)
+ARGS, WAIT0, WAIT1, TRIGGER = tl.constexpr(1), tl.constexpr(11), tl.constexpr(13), tl.constexpr(15)
 BLOCK_B = 16                         # decode rows per tile: B ≤ 16, padded for tl.dot
 
 
@@ -72,12 +73,12 @@ def megakernel_decode_kernel(
     end = tl.load(QSTART + worker + 1)
     while i < end:
         task = tl.load(QUEUE + i).to(tl.int64)
-        rec = TASKS + task * 16
-        ok = _wait(EVENTS, tl.load(rec + 11), tl.load(rec + 12), epoch, max_spins)
-        ok = ok & _wait(EVENTS, tl.load(rec + 13), tl.load(rec + 14), epoch, max_spins)
+        rec = TASKS + task * TASK_WIDTH
+        ok = _wait(EVENTS, tl.load(rec + WAIT0), tl.load(rec + WAIT0 + 1), epoch, max_spins)
+        ok = ok & _wait(EVENTS, tl.load(rec + WAIT1), tl.load(rec + WAIT1 + 1), epoch, max_spins)
         if ok:
             op = tl.load(rec)
-            a = rec + 1
+            a = rec + ARGS
             if op == 1:
                 embed_task(WS, W, TOK, a, batch, BLOCK_B, BLOCK_K)
             elif op == 2:
@@ -96,7 +97,7 @@ def megakernel_decode_kernel(
             elif op == 8:
                 argmax_task(WS, OUT, a, batch, BLOCK_B, BLOCK_N)
             tl.debug_barrier()   # every warp's stores issued before the release below
-            trig = tl.load(rec + 15)
+            trig = tl.load(rec + TRIGGER)
             if trig >= 0:
                 tl.atomic_add(EVENTS + trig, 1, sem="release")
             i += 1

@@ -98,7 +98,7 @@ def _args(task: dict, graph: dict, w: dict, ws: dict, cache_len: int) -> list[in
 def pack(graph: dict, w_offsets: dict[str, int], cache_len: int) -> torch.Tensor:
     """The int64 task table [n_tasks, TASK_WIDTH] (kernels/megakernel/persistent_triton.py)."""
     _, ws = workspace_layout(graph)
-    table = torch.full((len(graph["tasks"]), TASK_WIDTH), -1, dtype=torch.int64)
+    table = torch.full((len(graph["tasks"]), int(TASK_WIDTH)), -1, dtype=torch.int64)
     for t in graph["tasks"]:
         if len(t["waits"]) > 2 or len(t["triggers"]) != 1:
             raise GraphError(f"task {t['id']}: the kernel takes ≤ 2 waits and 1 trigger, got "
@@ -106,11 +106,12 @@ def pack(graph: dict, w_offsets: dict[str, int], cache_len: int) -> torch.Tensor
         row = table[t["id"]]
         row[0] = OPS[t["op"]]
         args = _args(t, graph, w_offsets, ws, cache_len)
-        row[ARGS:ARGS + len(args)] = torch.tensor(args, dtype=torch.int64)
+        a0 = int(ARGS)
+        row[a0:a0 + len(args)] = torch.tensor(args, dtype=torch.int64)
         for j, e in enumerate(t["waits"]):
-            row[WAIT0 + 2 * j] = e
-            row[WAIT0 + 2 * j + 1] = graph["events"][e]["need"]
-        row[TRIGGER] = t["triggers"][0]
+            row[int(WAIT0) + 2 * j] = e
+            row[int(WAIT0) + 2 * j + 1] = graph["events"][e]["need"]
+        row[int(TRIGGER)] = t["triggers"][0]
     return table
 
 
