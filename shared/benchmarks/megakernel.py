@@ -4,16 +4,14 @@
 Counted: launches per decode step of the kernel-per-operator path (the runtime's counter) and
 the kernels torch eager runs for the same step (torch.profiler's CPU op events that are kernels:
 on a GPU each is one launch). Predicted: shared.megakernel.simulate on a Qwen3-8B-like model.
+The GPU timings (persistent with many workers vs per-operator vs eager) live in
+shared/benchmarks/megakernel_gpu.py, which `make gpu-check` runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from kernels.device import INTERPRET
-from shared import bench
 from shared.benchmarks import out_of_time, record
 from shared.megakernel import simulate as sim
 from shared.megakernel.graph import build_decode_graph, operators
@@ -121,33 +119,6 @@ def draw_layer(ax, graph: dict, layer: int = 0) -> None:
     ax.set_title(f"layer {layer}: {len(pos)} tasks, {len(ops)} operators")
 
 
-def step_timings(model: Llama, batch: int, context: int, *, repeat: int = 20) -> dict:
-    """On a GPU: one decode step as the persistent kernel (one worker per SM), as the same task
-    bodies launched per operator, and as torch eager, timed interleaved (shared.bench.compare)
-    at a context of `context` keys. Each call appends a token, so the cache is sized for the
-    runs. The persistent step includes the runtime's two host syncs (cache-full check, the
-    starved-task flag); eager has none."""
-    from shared.inference.kv_cache import KVCache
-    from shared.megakernel.runtime import MegakernelDecoder, eager_step
-
-    dev = model.embed.weight.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    room = context + 3 * (repeat + 2) + 1
-    dec = MegakernelDecoder(model, batch, max_len=room, workers=sms)
-    cache = KVCache(model.config, batch, max_len=room, dtype=model.embed.weight.dtype,
-                    device=dev)
-    for c in (dec.cache, cache):
-        c.lengths += context
-    tok = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
-    t = bench.compare({"persistent": lambda: dec.step(tok),
-                       "per_operator": lambda: dec.step(tok, mode="per_operator"),
-                       "eager": lambda: eager_step(model, cache, tok)}, repeat=repeat)
-    return {"workers": sms, "launches_per_operator_path": len(dec.per_op),
-            **{f"{k} µs": v.median_s * 1e6 for k, v in t.items()},
-            "persistent vs eager": bench.ratio(t["eager"], t["persistent"]).median,
-            "persistent vs per-operator": bench.ratio(t["per_operator"], t["persistent"]).median}
-
-
 def main() -> int:
     from shared.models.zoo import load
 
@@ -163,16 +134,4 @@ def main() -> int:
             p = predicted(batch, seq)
             record("Qwen3-8B-like decode step on H100 (prediction)",
                    {k: v for k, v in p.items() if k != "runs"})
-    if not INTERPRET and torch.cuda.is_available():
-        tiny = load("target").cuda().half()
-        record("decode step on CUDA, tiny Llama fp16, B=1, 64 keys (measured)",
-               step_timings(tiny, 1, 64))
-        cfg = replace(QWEN3_8B, n_layers=4, max_seq_len=4096)   # 4 layers: fits any GPU here
-        with torch.device("cuda"):
-            q = Llama(cfg).half().eval().requires_grad_(False)
-        record("decode step on CUDA, Qwen3-8B-like 4 layers fp16 (random weights), B=1, 512 "
-               "keys (measured)", step_timings(q, 1, 512))
-        p = predicted(1, 512, config=cfg)
-        record("the same step predicted for H100 SXM (prediction)",
-               {k: v for k, v in p.items() if k.endswith("_ms") or k == "speedup"})
     return 0
