@@ -41,10 +41,10 @@ def check_pallas(q, k, v, do, what, block_sizes=None, **kw):
     o, grads = fwd_bwd(q, k, v, do)
     o_ref, grads_ref = torch_reference(q, k, v, do, **kw)
     assert o.shape == q.shape and o.dtype == q.dtype
-    assert_close(o, o_ref, dtype=q.dtype, what=f"{what} output")
+    assert_close(o, o_ref, dtype=q.dtype, matmul=True, what=f"{what} output")
     for name, x, g, g_ref in zip(("dq", "dk", "dv"), (q, k, v), grads, grads_ref, strict=True):
         assert g.shape == x.shape and g.dtype == x.dtype
-        assert_close(g, g_ref, dtype=q.dtype, what=f"{what} {name}")
+        assert_close(g, g_ref, dtype=q.dtype, matmul=True, what=f"{what} {name}")
 
 
 CASES = [  # b, h, h_kv, n_q, n_k, d, causal, dtype, (block_m, block_n)

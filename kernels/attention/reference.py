@@ -18,10 +18,13 @@ from __future__ import annotations
 from kernels.attention._args import attention_shape, check_causal, softmax_scale
 
 
-def causal_mask(seq_q: int, seq_k: int, xp):
-    """(seq_q, seq_k) bool, True where query i may see key j (bottom-right aligned)."""
-    i = xp.arange(seq_q)[:, None]
-    j = xp.arange(seq_k)[None, :]
+def causal_mask(seq_q: int, seq_k: int, xp, like=None):
+    """(seq_q, seq_k) bool, True where query i may see key j (bottom-right aligned); on the
+    device of the torch tensor `like` (a CPU mask against CUDA scores fails on a GPU)."""
+    where = {"device": like.device} if like is not None and hasattr(like, "device") and \
+        xp.__name__ == "torch" else {}
+    i = xp.arange(seq_q, **where)[:, None]
+    j = xp.arange(seq_k, **where)[None, :]
     return j <= i + (seq_k - seq_q)
 
 
@@ -48,7 +51,7 @@ def _attention(q, k, v, causal, scale, group, xp, repeat):
     v = repeat(v, group, 1)
     s = scale * (q @ k.swapaxes(-1, -2))           # (B, H, Nq, Nk)
     if causal:
-        s = xp.where(causal_mask(q.shape[2], k.shape[2], xp), s, float("-inf"))
+        s = xp.where(causal_mask(q.shape[2], k.shape[2], xp, like=s), s, float("-inf"))
     # A softmax that tolerates rows with no visible key: shift by the row max (0 if none),
     # exp(-inf) = 0, and divide by the row sum (1 if none), so those rows output 0.
     m = xp.amax(s, -1)[..., None]                 # (B, H, Nq, 1)

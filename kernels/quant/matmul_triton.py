@@ -111,7 +111,7 @@ def quant_matmul_kernel(
             w = tl.load(DATA + (k0 + offs_k)[:, None] * stride_dk + cols[None, :] * stride_dn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0)
             if FMT == 1:
-                acc = tl.dot(x, w, acc)                       # int8 · int8 -> int32
+                acc = tl.dot(x, w, acc, out_dtype=tl.int32)   # int8 · int8 -> int32
             else:
                 acc = tl.dot(x, w.to(X.dtype.element_ty), acc)
         else:
