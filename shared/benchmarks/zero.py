@@ -159,7 +159,7 @@ def h100_efficiency(psi: float, tokens_per_gpu: int, n: int = 8, *, stage: int =
 
 CKPT_NS = pick(ci=[4, 9, 16, 25], full=[4, 9, 16, 25, 36, 49, 64])
 CKPT_TIME_N = pick(ci=9, full=64)
-CKPT_ROUNDS = pick(ci=20, full=30)
+CKPT_ROUNDS = pick(ci=30, full=40)
 
 
 def checkpoint_model(n: int, seed: int = 0) -> Llama:
@@ -195,14 +195,16 @@ def checkpoint_peaks(ns=CKPT_NS) -> dict[str, list[int]]:
 
 def checkpoint_times(n: int = CKPT_TIME_N, rounds: int = CKPT_ROUNDS) -> dict:
     """Interleaved timings (shared.bench.compare) of a training step under each schedule and
-    of the forward alone (with a graph, as in training): the extra forward, measured."""
+    of the forward alone without a graph: the pass checkpointing adds (its backward re-runs
+    the forward with a graph in place of the one a plain step builds)."""
     model, tokens = checkpoint_model(n), checkpoint_tokens()
 
     def step(schedule):
         model.zero_grad(set_to_none=True)
-        return llama_step(model, tokens, schedule)[0]
+        return llama_step(model, tokens, schedule, count=False)[0]
 
-    def forward():
+    @torch.no_grad()
+    def forward():  # what checkpointing adds: the first forward, which builds no graph
         h = checkpointing.run(model.layers, model.embed(tokens[:, :-1]), "none")
         return model.lm_head(model.norm(h))
 

@@ -16,6 +16,7 @@ by the graph (parameters excluded), live now and at their peak over forward and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
@@ -122,11 +123,14 @@ class _Held:
         weakref.finalize(self, counter._release, key, nbytes)
 
 
-def llama_step(model, tokens: torch.Tensor, schedule: str) -> tuple[torch.Tensor, SavedBytes]:
+def llama_step(model, tokens: torch.Tensor, schedule: str, *, count: bool = True
+               ) -> tuple[torch.Tensor, SavedBytes | None]:
     """One forward and backward of a shared.models.llama.Llama on next-token targets (tokens
     predict themselves shifted by one), its blocks run under `schedule`; gradients accumulate
-    in the parameters. Returns the loss and the saved-bytes counter of the step."""
-    with SavedBytes(list(model.parameters())) as saved:
+    in the parameters. Returns the loss and, with `count`, the step's saved-bytes counter
+    (its hooks cost time: timings run with count=False)."""
+    saved = SavedBytes(list(model.parameters())) if count else None
+    with saved if saved is not None else contextlib.nullcontext():
         h = run(model.layers, model.embed(tokens[:, :-1]), schedule)
         logits = model.lm_head(model.norm(h))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
