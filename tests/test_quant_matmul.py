@@ -67,7 +67,9 @@ def test_llm_int8_decomposition_keeps_outliers_exact(device):
     no_split = quantized_matmul(x, quantize(w, "llm.int8", threshold=1e9))
     err_split = (with_split.double() - exact).norm() / exact.norm()
     err_whole = (no_split.double() - exact).norm() / exact.norm()
-    assert err_split < 0.01 and err_whole > 3 * err_split, (err_split, err_whole)
+    # int8 rows of x and W each round to ~1/127 of a row max of ~2.7σ: ~0.9% expected, so 2%;
+    # a 60 in every row makes the step ~0.47σ for the whole-x path (~14%)
+    assert err_split < 0.02 and err_whole > 3 * err_split, (err_split, err_whole)
 
 
 def test_bad_matmul_arguments_name_the_argument():
