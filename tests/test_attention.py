@@ -164,7 +164,8 @@ def test_single_key_gives_zero_dq_dk(device):
     flash_attention(q, k, v, sm_scale=0.5, block_sizes=BlockSizes(16, 32)).backward(do)
     scale = v.grad.abs().max()
     assert q.grad.abs().max() < TF32 * scale and k.grad.abs().max() < TF32 * scale
-    assert_close(v.grad, do.double().reshape(1, 2, 2, 33, 97).sum((2, 3))[:, :, None], tol=1e-5)
+    exact = 1e-5 if device == "cpu" else TF32      # dV = Pᵀ·dO is a TF32 product on a GPU
+    assert_close(v.grad, do.double().reshape(1, 2, 2, 33, 97).sum((2, 3))[:, :, None], tol=exact)
 
 
 @pytest.mark.parametrize("n_q,n_k,causal,dtype", [(37, 37, False, torch.float32),
