@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,14 @@ def test_a_notebook_that_is_not_a_lab_is_left_out(tmp_path, monkeypatch, capsys)
     spec.loader.exec_module(conftest)
     assert conftest.pytest_ignore_collect(tmp_path / "Untitled.ipynb", None) is True
     assert conftest.pytest_ignore_collect(tmp_path / "online-softmax.ipynb", None) is None
+
+
+def test_help_does_not_import_torch():
+    """`kclub --help` answers at once: no torch, triton, jax or kernels behind it."""
+    code = ("import sys\nfrom shared import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'triton', 'jax', 'kernels') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -24,8 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shared.data import corpus_text
-
 PATTERNS = ("poisson", "gamma")
 
 
@@ -60,6 +58,8 @@ def make_trace(n: int, rate: float, *, burstiness: float = 1.0, prompt_len=(16, 
     times = arrivals(n, rate, burstiness, seed)
     rng = np.random.default_rng(seed + 1)
     # ASCII only, so a window of k characters is k byte tokens and a valid string
+    from shared.data import corpus_text  # here, not at the top: shared.data loads torch
+
     text = corpus_text(1 << 20).encode("ascii", errors="ignore").decode()
     out = []
     for t in times:
