@@ -273,11 +273,11 @@ def test_a_failing_rank_ends_the_ring_with_its_error():
 
 
 def test_a_dying_rank_ends_the_ring():
-    """A rank that vanishes (no traceback) ends the run at once: its peer's receive fails with
-    the lost connection. (launch names the rank that left a traceback; see the report on
-    naming the vanished one.)"""
+    """A rank that vanishes (no traceback) ends the run at once, and is named: its peer's
+    receive fails with the lost connection, and launch says which rank left without one."""
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 1 died|rank 0 failed first(.|\n)*"
+    with pytest.raises(RuntimeError, match="rank 1 died|rank 1 exited (.|\n)*without a "
+                       "traceback(.|\n)*rank 0 failed first(.|\n)*"
                        "(Connection reset|Connection closed|TimeoutError)"):
         launch.spawn(_die_mid_ring, 2, timeout_s=120)
     assert time.monotonic() - start < 100

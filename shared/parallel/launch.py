@@ -112,4 +112,9 @@ def _first_failure(name: str, outdir: str, exc: ProcessException) -> str:
     _, rank, text = failures[0]
     others = sorted(r for _, r, _ in failures[1:])
     after = f" (then ranks {others} failed after it)" if others else ""
-    return f"{name}: rank {rank} failed first{after}:\n{text}"
+    # a rank that exited without a traceback (os._exit, a signal) wrote nothing: its peers'
+    # "connection reset" would otherwise be all the message says
+    silent = exc.error_index not in {r for _, r, _ in failures}
+    lost = (f"rank {exc.error_index} exited (code {getattr(exc, 'exit_code', '?')}) without "
+            f"a traceback; ") if silent else ""
+    return f"{lost}{name}: rank {rank} failed first{after}:\n{text}"
