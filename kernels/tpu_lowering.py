@@ -46,6 +46,19 @@ def pallas_target() -> str:
     return "gpu" if jax.default_backend() == "gpu" else "tpu"
 
 
+def pad_to_multiple(a, axis: int, multiple: int):
+    """`a` zero-padded at the end of `axis` to a multiple of `multiple` (whole blocks for a
+    Pallas grid; the kernels mask or slice the padding off)."""
+    import jax.numpy as jnp
+
+    extra = -a.shape[axis] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths)
+
+
 def require_tpu(kernel: str, instead: str) -> None:
     """Refuse a TPU-only kernel on a GPU target: it needs scalar prefetch and ordered grid axes,
     which Pallas's Triton lowering has not. One message for every such kernel."""

@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
 from kernels.moe._args import grouped_shape
-from kernels.tpu_lowering import compiler_params, require_tpu
+from kernels.tpu_lowering import compiler_params, pad_to_multiple, require_tpu
 
 # grid (column tiles, visits): a tile's or an expert's output block is revisited in order
 _SEMANTICS = ("parallel", "arbitrary")
@@ -106,15 +106,6 @@ def _dw_kernel(gids, tiles, offsets, valid, x_ref, dy_ref, dw_ref, *, tm):
     dw_ref[...] += jnp.dot(x.T, dy_ref[...], preferred_element_type=jnp.float32)
 
 
-def _pad_to(a, axis: int, multiple: int):
-    extra = -a.shape[axis] % multiple
-    if not extra:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, extra)
-    return jnp.pad(a, pad)
-
-
 def _gmm(x, w, group_sizes, blocks: PallasBlocks):
     M, K = x.shape
     E, _, N = w.shape
@@ -122,7 +113,7 @@ def _gmm(x, w, group_sizes, blocks: PallasBlocks):
     sizes = jnp.concatenate([group_sizes.astype(jnp.int32),            # group E: rows past
                              jnp.maximum(M - group_sizes.sum(), 0)[None].astype(jnp.int32)])
     gids, tiles, valid, offsets = visit_schedule(sizes, M, tm, visit_empty=False)
-    xp, wp = _pad_to(x, 0, tm), _pad_to(w, 2, tn)
+    xp, wp = pad_to_multiple(x, 0, tm), pad_to_multiple(w, 2, tn)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(wp.shape[2] // tn, gids.shape[0]),
@@ -148,7 +139,7 @@ def _dw(x, dy, group_sizes, blocks: PallasBlocks):
     E = group_sizes.shape[0]
     tm, tn = blocks.m, blocks.n
     gids, tiles, valid, offsets = visit_schedule(group_sizes, M, tm, visit_empty=True)
-    xp, dyp = _pad_to(x, 0, tm), _pad_to(_pad_to(dy, 0, tm), 1, tn)
+    xp, dyp = pad_to_multiple(x, 0, tm), pad_to_multiple(pad_to_multiple(dy, 0, tm), 1, tn)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(dyp.shape[1] // tn, gids.shape[0]),

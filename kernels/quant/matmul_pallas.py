@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from kernels.device import pallas_interpret
 from kernels.quant._args import check_matmul_args
 from kernels.quant.formats import FORMATS, NF4_CODE, QuantizedWeight
-from kernels.tpu_lowering import compiler_params, require_tpu
+from kernels.tpu_lowering import compiler_params, pad_to_multiple, require_tpu
 
 _NF4 = tuple(float(v) for v in NF4_CODE)
 
@@ -86,30 +86,21 @@ def _kernel(*refs, fmt, group, tk, k):
     o_ref[...] = y.astype(o_ref.dtype)
 
 
-def _pad(a, axis: int, multiple: int):
-    extra = -a.shape[axis] % multiple
-    if not extra:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(a, widths)
-
-
 @functools.partial(jax.jit, static_argnames=("fmt", "group", "tm", "tn", "out_dtype"))
 def _call(x, data, scale, extra, *, fmt, group, tm, tn, out_dtype):
     m, k = x.shape
     n = data.shape[1]
     tk = _chunk(k, group)
-    xp = _pad(x, 0, tm)
-    ops = [xp, _pad(data, 1, tn), _pad(scale, 1, tn)]
+    xp = pad_to_multiple(x, 0, tm)
+    ops = [xp, pad_to_multiple(data, 1, tn), pad_to_multiple(scale, 1, tn)]
     specs = [pl.BlockSpec((tm, k), lambda i, j: (i, 0)),
              pl.BlockSpec((data.shape[0], tn), lambda i, j: (0, j)),
              pl.BlockSpec((scale.shape[0], tn), lambda i, j: (0, j))]
     if fmt == "int4":
-        ops.append(_pad(extra, 1, tn))
+        ops.append(pad_to_multiple(extra, 1, tn))
         specs.append(pl.BlockSpec((extra.shape[0], tn), lambda i, j: (0, j)))
     elif fmt == "llm.int8":                                   # the row scales of x [M, 1]
-        ops.append(_pad(extra, 0, tm))
+        ops.append(pad_to_multiple(extra, 0, tm))
         specs.append(pl.BlockSpec((tm, 1), lambda i, j: (i, 0)))
     out = pl.pallas_call(
         functools.partial(_kernel, fmt=fmt, group=group, tk=tk, k=k),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shared.parallel.memory.checkpointing import SavedBytes
 from shared.parallel.pipeline.backward import (
     backward_input,
     backward_weight,
@@ -74,20 +75,6 @@ class _Clock:
                  self.origin_s + self.origin.elapsed_time(e) / 1e3) for a, s, e in spans]
 
 
-class _SavedBytes:
-    """Counts the distinct storages autograd saves for backward, parameters excluded."""
-
-    def __init__(self, params):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.skip:
-            self.seen[s.data_ptr()] = s.nbytes()
-        return t
-
-
 def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                  microbatches: list[tuple[torch.Tensor, torch.Tensor]], *,
                  comm: P2P, t0: float) -> RankRun:
@@ -116,16 +103,15 @@ def run_schedule(schedule: Schedule, rank: int, stages: dict[int, Stage],
                 x.requires_grad_()
             # Every microbatch of a chunk saves the same tensors: count them on the first
             # (a Python hook per saved tensor would cost as much as this tiny forward).
-            saved = _SavedBytes(params) if a.chunk not in chunk_bytes else None
-            with (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved
-                  else contextlib.nullcontext()):
+            saved = SavedBytes(params) if a.chunk not in chunk_bytes else None
+            with saved if saved else contextlib.nullcontext():
                 inp, out = stage.run(x, pad=False)
                 if s == last:
                     targets = microbatches[a.mb][1]
                     out = F.cross_entropy(out.flatten(0, 1), targets.flatten()) / m
                     loss_sum = out.detach() if loss_sum is None else loss_sum + out.detach()
             if saved:
-                chunk_bytes[a.chunk] = sum(saved.seen.values())
+                chunk_bytes[a.chunk] = saved.peak
             nbytes = chunk_bytes[a.chunk]
             sizes.append(nbytes)
             stash[a.mb, a.chunk] = (inp, out, nbytes)

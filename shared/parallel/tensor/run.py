@@ -26,7 +26,7 @@ from shared.models import zoo
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import comm_log
 from shared.parallel.launch import device, init_from_env, spawn
-from shared.parallel.pipeline.runtime import _SavedBytes
+from shared.parallel.memory.checkpointing import SavedBytes
 from shared.parallel.tensor.comm import Pacer, TPComm
 from shared.parallel.tensor.model import TPBlock, TPLlama
 
@@ -104,9 +104,8 @@ def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
     dev = device()  # this rank's GPU under NCCL, else the CPU
     model = TPLlama(build(weights), comm).to(dev)  # the full model is dropped once it is cut
     tokens, targets = job.tokens.to(dev), job.targets.to(dev)
-    saved = _SavedBytes(list(model.parameters()))
-    with comm_log.recording() as fwd, torch.autograd.graph.saved_tensors_hooks(saved.pack,
-                                                                               lambda t: t):
+    saved = SavedBytes(list(model.parameters()))
+    with comm_log.recording() as fwd, saved:
         loss, logits = model.loss(tokens, targets)
     with comm_log.recording() as bwd:
         loss.backward()
@@ -115,7 +114,7 @@ def _proof(job: Proof, weights: dict, comm: TPComm) -> dict:
     return {"loss": loss.item(), "logits": comm.all_gather(logits.detach()).cpu(),
             "grads": {n: (p.shard, p.grad.cpu()) for n, p in model.named_parameters()},
             "forward": fwd, "backward": bwd, "sync": sync, "param_bytes": param_bytes(model),
-            "activation_bytes": sum(saved.seen.values()), "tokens": tokens.numel()}
+            "activation_bytes": saved.peak, "tokens": tokens.numel()}
 
 
 def timing_stack(job: Timing, comm: TPComm) -> tuple[list[TPBlock], torch.Tensor, torch.Tensor]:
