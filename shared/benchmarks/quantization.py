@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from kernels.device import INTERPRET, gpu_available
 from kernels.quant import quantize, quantized_matmul
 from kernels.quant.matmul_triton import config_for
 from shared import bench, iocount, roofline
-from shared.benchmarks import record
+from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 
 
 def weight_bytes(fmt: str, k: int, n: int, group: int | None = None,
@@ -130,19 +131,49 @@ def cpu_peers(k: int, n: int, m: int, *, repeat: int = 10, group: int = 128, see
     return bench.compare(fns, warmup=2, repeat=repeat), sizes
 
 
-def main() -> None:
-    """`kclub bench quantization`: counted bytes, H100 crossover, CPU peers at Llama-7B's MLP."""
-    for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
-        c = counted(fmt, 5, 512, 300, group)
-        record("bytes", {"fmt": fmt, "counted": c.bytes_total,
-                         "model": io_model(fmt, 5, 512, 300, group)})
+def main() -> int:
+    """`kclub bench quantization`: counted bytes (interpreter), H100 crossover (prediction),
+    torch's CPU peers at Llama-7B's up_proj, and on a CUDA machine our kernel against cuBLAS."""
+    if INTERPRET:
+        for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
+            c = counted(fmt, 5, 512, 300, group)
+            record("bytes (Triton interpreter), M=5, K=512, N=300",
+                   {"fmt": fmt, "counted": c.bytes_total, "model": io_model(fmt, 5, 512, 300,
+                                                                            group)})
     k, n = 4096, 11008
     for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
         own, fp16 = crossover(fmt, k, n, group, "H100 SXM")
-        record("crossover H100", {"fmt": fmt, "compute-bound M": own, "fp16 ridge M": fp16})
+        record("crossover H100 (prediction)", {"fmt": fmt, "compute-bound M": own,
+                                               "fp16 ridge M": fp16})
+    if gpu_available() and not INTERPRET:
+        _cuda(k, n)
+        return 0
     for m in (1, 16, 256):
+        if out_of_time(reserve_s=5):
+            break
         t, sizes = cpu_peers(k, n, m, repeat=5)
         for name, timing in t.items():
-            record("cpu", {"M": m, "impl": name, "ms": timing.median_s * 1e3,
-                           "tokens/s": m / timing.median_s,
-                           "GB/s": sizes[name] / timing.median_s / 1e9})
+            record("this CPU, [M, 4096] x [4096, 11008]", {
+                "M": m, "impl": name, "ms": timing.median_s * 1e3,
+                "tokens/s": m / timing.median_s, "GB/s": sizes[name] / timing.median_s / 1e9})
+    return 0
+
+
+def _cuda(k: int, n: int) -> None:
+    """Our kernel (fp16 x) against cuBLAS on the dequantized fp16 weight, CUDA events."""
+    hw = gpu_hardware()
+    w = torch.randn(n, k, device="cuda") * 0.02
+    for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64), ("llm.int8", None)):
+        qw = quantize(w, fmt, group_size=group)
+        wh = qw.dequantize().half()
+        for m in (1, 16, 512):
+            if out_of_time(reserve_s=5):
+                return
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ours = triton.testing.do_bench(lambda x=x, qw=qw: quantized_matmul(x, qw)) / 1e3
+            cublas = triton.testing.do_bench(lambda x=x, wh=wh: x @ wh.t()) / 1e3
+            moved = min_traffic(fmt, m, k, n, group)
+            record(f"quantized_matmul vs cuBLAS fp16, CUDA, [M, {k}] x [{k}, {n}]", {
+                "fmt": fmt, "M": m, "ms": ours * 1e3, "cuBLAS ms": cublas * 1e3,
+                "speed-up": cublas / ours, "tokens/s": m / ours, "GB/s": moved / ours / 1e9,
+                "% of roofline": pct_of_roofline(ours, 2.0 * m * k * n, moved, hw, "fp16")})
