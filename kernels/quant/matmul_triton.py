@@ -138,7 +138,7 @@ def quantized_matmul(x: torch.Tensor, qw: QuantizedWeight, *,
                      config: Config | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ dequantize(qw)ᵀ in x's dtype (fp32 accumulation), in one launch
     (plus, for llm.int8, the int8 cast of x and the 16-bit outlier matmul around it)."""
-    # the interpreter computes bf16 on raw bits (CPU-NOTES.md): bf16 is for the GPU path
+    # the interpreter computes bf16 on raw bits (docs/cpu-notes.md): bf16 is for the GPU path
     dtypes = FLOAT_DTYPES[:2] if INTERPRET else FLOAT_DTYPES
     m, k, n = check_matmul_args(x, qw, FORMATS)
     if x.dtype not in dtypes:
