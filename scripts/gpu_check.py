@@ -45,11 +45,10 @@ OPTIONAL = ["hypothesis", "transformers", "nbval", "jax", "pytest_timeout", "xdi
 VERSIONS = ["torch", "triton", "jax", "jaxlib", "transformers", "hypothesis", "pytest"]
 # Seconds per step, measured against nothing yet on an H100: set to fit 330 s with margin.
 # GPU-only measurements of kernels whose labs measure on the CPU: (name, module with main())
-GPU_EXTRAS = [("quantization-gpu", "shared.benchmarks.quantization_gpu"),
-              ("megakernel-gpu", "shared.benchmarks.megakernel_gpu")]
+GPU_EXTRAS = [("megakernel-gpu", "shared.benchmarks.megakernel_gpu")]
 BUDGETS = {"tests": 130, "flash-attention": 55, "online-softmax": 25, "moe-routing": 30,
            "speculative-decoding": 35, "paged-attention": 30, "pipeline-parallel": 10,
-           "quantization-gpu": 35, "megakernel-gpu": 35}
+           "quantization": 35, "megakernel-gpu": 35}
 DRY_BUDGETS = {"tests": 60, "default": 25}
 RESERVE_S = 8          # kept back from every step for the report itself
 LOCAL = {"kernels", "shared", "tests", "scripts", "__future__"}
