@@ -83,9 +83,12 @@ def test_ctrl_c_saves_the_partial_notebook(tmp_path):
              "time.sleep(60)", "print('never')")
     code = (f"import sys; from shared import labs, cli; from pathlib import Path; "
             f"labs.LABS = Path({str(folder)!r}); sys.exit(cli.main(['run', 'trouble']))")
+    # as from a shell: SIGINT at its default, which Python turns into KeyboardInterrupt (a
+    # pytest-xdist worker ignores SIGINT, and an ignored SIGINT is inherited and kept)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                             env={**os.environ, "KC_BUILD": str(tmp_path / "build")},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = "", time.monotonic() + 60
     while "sleeping" not in seen:                               # the forwarded stderr
         assert time.monotonic() < deadline and proc.poll() is None, seen
