@@ -128,7 +128,32 @@ def cpu_peers(k: int, n: int, m: int, *, repeat: int = 10, group: int = 128, see
     }
     sizes = {"fp32 linear": 4.0 * k * n, "bf16 linear": 2.0 * k * n,
              "int8 (torch)": k * n + 2.0 * n, "int4 (torch)": k * n / 2 + 4.0 * n * k / group}
+    bnb = bitsandbytes_nf4(wb)
+    if bnb is not None:   # bitsandbytes' CPU path, when it is installed: NF4, block 64
+        matmul, stored, dequantized = bnb
+        ref = xb.float() @ dequantized.float().t()
+        if not torch.allclose(matmul(xb).float(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max()):
+            raise AssertionError("bitsandbytes' 4-bit matmul disagrees with its dequantized weight")
+        fns["nf4 (bitsandbytes)"] = lambda: matmul(xb)
+        sizes["nf4 (bitsandbytes)"] = stored
     return bench.compare(fns, warmup=2, repeat=repeat), sizes
+
+
+def bitsandbytes_nf4(w: torch.Tensor, block: int = 64):
+    """bitsandbytes' NF4 of w (double-quantized absmax, its `compress_statistics`): (x -> x Wᵀ
+    through its matmul_4bit, stored bytes, its dequantized weight); None if not installed."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    q, state = bnbf.quantize_4bit(w, blocksize=block, quant_type="nf4",
+                                  compress_statistics=True)
+    stored = q.numel() * q.element_size() + sum(
+        t.numel() * t.element_size() for t in (state.absmax, state.state2.absmax,
+                                               state.state2.code, state.code))
+    return (lambda x: bnb.matmul_4bit(x, q.t(), quant_state=state), stored,
+            bnbf.dequantize_4bit(q, state))
 
 
 def main() -> int:
