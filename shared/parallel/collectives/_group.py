@@ -26,3 +26,18 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
     """A 1-D view of `t` to reduce in place (a copy when `t` is not contiguous; the caller
     copies it back)."""
     return t.view(-1) if t.is_contiguous() else t.reshape(-1).clone()
+
+
+def reduce_in_place(t: torch.Tensor, group, body) -> torch.Tensor:
+    """The frame every all-reduce here shares: check `t`, find my place in the group, run
+    body(flat, ranks, me) on a 1-D view of it (nothing to do for one rank or no elements), and
+    copy back into a non-contiguous `t`. Returns `t`, as torch.distributed's in-place SUM."""
+    check_tensor(t)
+    ranks, me = members(group)
+    if len(ranks) == 1 or t.numel() == 0:
+        return t
+    flat = flat_view(t)
+    body(flat, ranks, me)
+    if flat.data_ptr() != t.data_ptr():
+        t.copy_(flat.view(t.shape))
+    return t

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from shared.parallel import comm_log
-from shared.parallel.collectives._group import check_tensor, flat_view, members
+from shared.parallel.collectives._group import check_tensor, members, reduce_in_place
 
 
 def _core(flat: torch.Tensor, idx: int, p: int, peer) -> None:
@@ -40,12 +40,11 @@ def _core(flat: torch.Tensor, idx: int, p: int, peer) -> None:
 
 def halving_doubling_all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place SUM over the group by recursive halving and doubling; returns `t`."""
-    check_tensor(t)
-    ranks, me = members(group)
+    return reduce_in_place(t, group, _halving_doubling)
+
+
+def _halving_doubling(flat: torch.Tensor, ranks: list[int], me: int) -> None:
     n = len(ranks)
-    if n == 1 or t.numel() == 0:
-        return t
-    flat = flat_view(t)
     p = 1 << (n.bit_length() - 1)  # largest power of two <= n
     r = n - p
     fold = 2 * p + 1  # tags past the core's (which stay below 2p)
@@ -65,9 +64,7 @@ def halving_doubling_all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
         _core(flat, idx, p, peer)
         if me < 2 * r:
             comm_log.send(flat, ranks[me - 1], tag=fold + 1)
-    if flat.data_ptr() != t.data_ptr():
-        t.copy_(flat.view(t.shape))
-    return t
+
 
 
 def all_to_all(output_list: list[torch.Tensor], input_list: list[torch.Tensor],

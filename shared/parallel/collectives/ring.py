@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from shared.parallel import comm_log
-from shared.parallel.collectives._group import check_tensor, flat_view, members
+from shared.parallel.collectives._group import check_tensor, members, reduce_in_place
 
 
 def _reduce_scatter_chunks(chunks: list[torch.Tensor], ranks: list[int], me: int) -> None:
@@ -82,14 +82,8 @@ def ring_all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group
 
 def ring_all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
     """In-place SUM over the group, like dist.all_reduce(t); returns `t`."""
-    check_tensor(t)
-    ranks, me = members(group)
-    if len(ranks) == 1:
-        return t
-    flat = flat_view(t)
-    chunks = list(flat.tensor_split(len(ranks)))
-    _reduce_scatter_chunks(chunks, ranks, me)
-    _all_gather_chunks(chunks, ranks, me)
-    if flat.data_ptr() != t.data_ptr():
-        t.copy_(flat.view(t.shape))
-    return t
+    def body(flat, ranks, me):
+        chunks = list(flat.tensor_split(len(ranks)))
+        _reduce_scatter_chunks(chunks, ranks, me)
+        _all_gather_chunks(chunks, ranks, me)
+    return reduce_in_place(t, group, body)

@@ -22,7 +22,7 @@ import threading
 import torch
 
 from shared.parallel import comm_log
-from shared.parallel.collectives._group import check_tensor, flat_view, members
+from shared.parallel.collectives._group import reduce_in_place
 
 
 def btree(n: int) -> list[int]:
@@ -77,36 +77,31 @@ def _reduce_broadcast(buf: torch.Tensor, parent: list[int], ranks: list[int], me
 def tree_all_reduce(t: torch.Tensor, group=None, *, double: bool = False) -> torch.Tensor:
     """In-place SUM over the group through a binary tree (double=True: the double binary
     tree, half the tensor on each); returns `t`."""
-    check_tensor(t)
-    ranks, me = members(group)
-    n = len(ranks)
-    if n == 1 or t.numel() == 0:
-        return t
-    flat = flat_view(t)
-    if not double:
-        _reduce_broadcast(flat, btree(n), ranks, me, tag=0)
-    else:
-        halves = flat.tensor_split(2)
-        errors: list[BaseException] = []
+    def body(flat, ranks, me):
+        n = len(ranks)
+        if not double:
+            _reduce_broadcast(flat, btree(n), ranks, me, tag=0)
+        else:
+            halves = flat.tensor_split(2)
+            errors: list[BaseException] = []
 
-        def run(half, parent, tag):
-            try:
-                if half.numel():  # a 1-element tensor: its empty half has nothing to send
-                    _reduce_broadcast(half, parent, ranks, me, tag)
-            except BaseException as e:  # re-raised on the caller's thread below
-                errors.append(e)
+            def run(half, parent, tag):
+                try:
+                    if half.numel():  # a 1-element tensor: its empty half has nothing to send
+                        _reduce_broadcast(half, parent, ranks, me, tag)
+                except BaseException as e:  # re-raised on the caller's thread below
+                    errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(h, p, 2 * i))
-                   for i, (h, p) in enumerate(zip(halves, double_btree(n), strict=True))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        if errors:
-            raise errors[0]
-    if flat.data_ptr() != t.data_ptr():
-        t.copy_(flat.view(t.shape))
-    return t
+            threads = [threading.Thread(target=run, args=(h, p, 2 * i))
+                       for i, (h, p) in enumerate(zip(halves, double_btree(n), strict=True))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            if errors:
+                raise errors[0]
+
+    return reduce_in_place(t, group, body)
 
 
 def double_tree_all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:

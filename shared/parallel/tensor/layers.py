@@ -38,6 +38,19 @@ def block_index(size: int, comm: TPComm, what: str) -> torch.Tensor:
     return torch.arange(comm.rank * n, (comm.rank + 1) * n)
 
 
+def _cut_linear(linear: nn.Linear, comm: TPComm, name: str, index: torch.Tensor | None,
+                dim: int) -> nn.Parameter:
+    """This rank's slice of a bias-free nn.Linear's weight: output rows (dim 0, column-parallel)
+    or input columns (dim 1, row-parallel), `index` or this rank's block of them."""
+    if not isinstance(linear, nn.Linear) or linear.bias is not None:
+        raise TypeError("linear must be an nn.Linear without bias")
+    if index is None:
+        size, what = ((linear.out_features, "out_features") if dim == 0
+                      else (linear.in_features, "in_features"))
+        index = block_index(size, comm, f"{name}.{what}")
+    return _param(linear.weight, Shard(f"{name}.weight", dim, index))
+
+
 def _param(full: torch.Tensor, shard: Shard) -> nn.Parameter:
     p = nn.Parameter(shard.of(full.detach()).clone())  # own storage: per-rank bytes are real
     p.shard = shard
@@ -51,12 +64,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, comm: TPComm, name: str,
                  index: torch.Tensor | None = None):
         super().__init__()
-        if not isinstance(linear, nn.Linear) or linear.bias is not None:
-            raise TypeError("linear must be an nn.Linear without bias")
-        index = block_index(linear.out_features, comm, f"{name}.out_features") \
-            if index is None else index
         self.comm = comm
-        self.weight = _param(linear.weight, Shard(f"{name}.weight", 0, index))
+        self.weight = _cut_linear(linear, comm, name, index, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local(copy_to_tp(x, self.comm))
@@ -74,12 +83,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, comm: TPComm, name: str,
                  index: torch.Tensor | None = None):
         super().__init__()
-        if not isinstance(linear, nn.Linear) or linear.bias is not None:
-            raise TypeError("linear must be an nn.Linear without bias")
-        index = block_index(linear.in_features, comm, f"{name}.in_features") \
-            if index is None else index
         self.comm = comm
-        self.weight = _param(linear.weight, Shard(f"{name}.weight", 1, index))
+        self.weight = _cut_linear(linear, comm, name, index, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[1]:
