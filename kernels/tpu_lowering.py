@@ -7,7 +7,8 @@ mode"; docs/compile.md). Two facts shape this file:
   Triton params are passed explicitly there; on a TPU the Mosaic params say which grid axes may
   run in parallel ("parallel") and which carry state from step to step ("arbitrary").
 - `jax.export(..., platforms=["tpu"])` runs the Pallas TPU (Mosaic) lowering on a CPU machine,
-  block-shape rules included; `lower_for_tpu` wraps it and adds the VMEM each kernel's blocks need.
+  block-shape rules included; `lower_for_tpu` wraps it and adds the VMEM each kernel allocates
+  (its pipelined blocks and its scratch: vmem_blocks).
   Mosaic's own layout passes run later, inside the TPU compiler: lowering is necessary, not
   sufficient, for a kernel to compile on a TPU.
 """
@@ -113,30 +114,50 @@ def _pallas_calls(jaxpr):
 
 
 def vmem_blocks(fn, *args) -> list[dict]:
-    """Per pallas_call in `fn(*args)`: its grid and the VMEM its blocks occupy.
+    """Per pallas_call in `fn(*args)`: its grid and the VMEM Mosaic allocates for it.
 
-    block_bytes sums block_shape × itemsize over the grid mapping's block mappings (inputs and
-    outputs; a squeezed dim counts 1). The TPU pipeline keeps two buffers per block, the one in
-    use and the next one being copied in (double-buffering), unless the spec asks for
-    `pl.Buffered(1)`: vmem_bytes = Σ block bytes × buffers. Scalar-prefetch operands live in
-    SMEM and are not counted.
+    Counted the way the Pallas TPU lowering describes each operand to Mosaic
+    (jax/_src/pallas/mosaic/lowering.py, the `window_params` it emits):
+    - With no grid there is no pipeline: every VMEM operand is one whole-array buffer.
+    - With a grid, a VMEM block is double-buffered (the one in use and the next one being
+      copied in) unless its spec asks for `pl.Buffered(1)`, or its window is trivial (the whole
+      array at index 0, never re-fetched), for which the lowering forces one buffer.
+    - Operands in ANY/HBM stay in HBM (the kernel DMAs from them itself), SMEM operands and
+      scalar prefetch live in SMEM, semaphores in their own space: none of them is VMEM.
+    - scratch_shapes in VMEM are allocated once, for the whole kernel.
+    block_bytes is one buffer of each VMEM block (a squeezed dim counts 1); vmem_bytes =
+    Σ block bytes × buffers + scratch_bytes. Mosaic's internal scratch and any padding of a
+    block to (8, 128) tiles are not counted.
     """
-    # BlockDim -> int. Private, so imported here: the kernels import this module for their
-    # compiler params and must not break on a JAX that moved it (the GPU machine's is newer).
-    from jax._src.pallas.core import get_block_size
+    # Private, so imported here: the kernels import this module for their compiler params and
+    # must not break on a JAX that moved these (the GPU machine's is newer).
+    from jax._src.pallas.core import MemorySpace, get_block_size
+    from jax._src.pallas.mosaic import core as tpu_core
+
+    def in_vmem(memory_space) -> bool:
+        space = tpu_core.memory_space_to_tpu_memory_space(memory_space, tpu_core.CoreType.TC)
+        return space == tpu_core.MemorySpace.VMEM
 
     calls = []
     for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
         mapping = eqn.params["grid_mapping"]
-        sizes = [(math.prod(get_block_size(d) for d in bm.block_shape)
-                  * bm.array_aval.dtype.itemsize, _buffers(bm)) for bm in mapping.block_mappings]
-        calls.append({"kernel": eqn.params.get("name") or "pallas_call",
-                      "grid": tuple(mapping.grid), "block_bytes": sum(b for b, _ in sizes),
-                      "vmem_bytes": sum(b * n for b, n in sizes)})
+        grid = tuple(mapping.grid)
+        blocks = [(math.prod(get_block_size(d) for d in bm.block_shape)
+                   * bm.array_aval.dtype.itemsize, _buffers(bm, grid))
+                  for bm in mapping.block_mappings
+                  if in_vmem(bm.block_aval.memory_space or MemorySpace.DEFAULT)]
+        scratch = sum(math.prod(a.shape) * a.dtype.itemsize for a in mapping.scratch_avals
+                      if in_vmem(a.memory_space))
+        calls.append({"kernel": eqn.params.get("name") or "pallas_call", "grid": grid,
+                      "block_bytes": sum(b for b, _ in blocks), "scratch_bytes": scratch,
+                      "vmem_bytes": sum(b * n for b, n in blocks) + scratch})
     return calls
 
 
-def _buffers(block_mapping) -> int:
+def _buffers(block_mapping, grid: tuple) -> int:
+    """VMEM buffers the lowering asks Mosaic for, for one block (vmem_blocks)."""
+    if not grid or block_mapping.has_trivial_window():
+        return 1
     mode = block_mapping.pipeline_mode
     return 2 if mode is None or mode.buffer_count is None else mode.buffer_count
 
