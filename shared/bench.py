@@ -9,6 +9,7 @@
 `compare` interleaves its contenders round by round, so drift hits them alike, and `ratio`
 turns two of its timings into a median ratio with a bootstrap 95% interval over the paired
 rounds: a timing verdict reads that interval (docs/claims.md, "Measuring honestly").
+`one_thread` pins torch to one CPU thread around a timing (docs/cpu-notes.md).
 Timings are never test assertions.
 """
 
@@ -16,7 +17,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +147,21 @@ class _Timer:
             return ([s.elapsed_time(e) / 1e3 for s, e in self.pairs],
                     "CUDA events, L2 flushed")
         return self.wall, "wall clock"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread while inside, its previous count restored after: on a CPU shared
+    with other jobs, two OpenMP threads spin against each other and a 0.3 s step took 3-15 s
+    (docs/cpu-notes.md); one does not."""
+    import torch  # here, not at the top: timing JAX code must not load torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_counts(warmup: int, repeat: int) -> None:

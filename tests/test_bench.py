@@ -134,3 +134,16 @@ def test_ratio_from_timings_keeps_samples_and_is_seeded():
 def test_ratio_bad_input(a, b, match):
     with pytest.raises(ValueError, match=match):
         bench.ratio(a, b)
+
+
+def test_one_thread_pins_and_restores_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with bench.one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2   # restored on the way out of an error too
+    finally:
+        torch.set_num_threads(before)

@@ -12,6 +12,7 @@ import torch
 
 from kernels.sampling import speculative_accept, speculative_accept_reference
 from kernels.sampling.checks import check_generator
+from shared.bench import one_thread
 from shared.data import ByteTokenizer
 from shared.inference.generate import Phases, generate
 from shared.inference.kv_cache import KVCache
@@ -39,11 +40,9 @@ TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, n_kv_heads=2, f
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def peaky(seed, config=TINY, scale=40.0, device="cpu"):

@@ -5,7 +5,7 @@ compute with fp32 masters tracking fp32 training, and the scaler's rule on its o
 import pytest
 import torch
 
-from shared.benchmarks.zero import one_thread
+from shared.bench import one_thread
 from shared.models.llama import LlamaConfig
 from shared.parallel.memory.mixed_precision import LossScaler, MixedPrecision, gradscaler_run
 from shared.parallel.zero.model import ModelSpec, batch, build_model, loss_fn

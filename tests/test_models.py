@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.bench import one_thread
 from shared.data import ByteTokenizer, batches, corpus_files, corpus_text, train_val_tokens
 from shared.inference.kv_cache import KVCache
 from shared.models import Llama, LlamaConfig, zoo
@@ -135,15 +136,13 @@ def test_corpus_tokenizer_batches():
 
 
 @pytest.fixture
-def one_thread():
+def single_thread():
     """Tiny matmuls: one thread avoids OpenMP spin-waits on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
-def test_training_is_seeded_and_learns(one_thread):
+def test_training_is_seeded_and_learns(single_thread):
     train_ids, val_ids = train_val_tokens(60000)
     config = LlamaConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                          ffn_dim=64, max_seq_len=32)

@@ -5,7 +5,8 @@ accounting, torch's FSDP2 on the same model, and a failing rank that ends the ru
 import pytest
 import torch
 
-from shared.benchmarks.zero import one_thread, ring_time
+from shared.bench import one_thread
+from shared.benchmarks.zero import ring_time
 from shared.models.llama import LlamaConfig
 from shared.parallel import launch
 from shared.parallel.zero.accounting import (

@@ -19,13 +19,12 @@ On a GPU nothing is emulated (slot None): each rank owns its device.
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 
 import torch
 
 from kernels.device import gpu_available
 from shared import roofline
-from shared.bench import compare
+from shared.bench import compare, one_thread
 from shared.benchmarks import record
 from shared.benchmarks.pipeline_parallel import LINKS
 from shared.device import pick
@@ -171,18 +170,6 @@ def checkpoint_model(n: int, seed: int = 0) -> Llama:
 
 def checkpoint_tokens(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (2, 129), generator=torch.Generator().manual_seed(seed))
-
-
-@contextmanager
-def one_thread():
-    """torch on one thread while inside: on a CPU shared with other jobs, two OpenMP threads
-    spin against each other and a 0.3 s step took 3-15 s (measured here); one does not."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def checkpoint_peaks(ns=CKPT_NS) -> dict[str, list[int]]:

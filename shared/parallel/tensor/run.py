@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from shared.bench import one_thread
 from shared.models import zoo
 from shared.models.llama import Llama, LlamaConfig
 from shared.parallel import comm_log
@@ -129,12 +130,8 @@ def timing_stack(job: Timing, comm: TPComm) -> tuple[list[TPBlock], torch.Tensor
 
 
 def _timing(job: Timing, comm: TPComm) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # every p alike: one thread per rank (p = 1 runs in the parent)
-    try:
+    with one_thread():  # every p alike: one thread per rank (p = 1 runs in the parent)
         return _time_steps(job, comm)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _time_steps(job: Timing, comm: TPComm) -> dict:
