@@ -1,5 +1,6 @@
-"""Test setup: poisoned kernel outputs, Triton's interpreter chosen before triton loads, and the
-device every kernel test runs on (CUDA when there is a GPU, else the CPU and the interpreter)."""
+"""Test setup: poisoned kernel outputs, Triton's interpreter chosen before triton loads, the
+device every kernel test runs on (CUDA when there is a GPU, else the CPU and the interpreter),
+and the Pallas TPU variants kept in interpret mode on JAX's CPU device on a GPU host."""
 
 import os
 
@@ -39,6 +40,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "interpreter" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tpu_interpret_on_cpu(monkeypatch):
+    """Run the Pallas kernels' TPU variants in interpret mode on JAX's CPU device, as a CPU
+    host does. Where JAX's default backend is not a GPU that happens anyway: a no-op. On a GPU
+    host the kernels would take the Triton lowering (the TPU layout then fails inside JAX) or,
+    the TPU-only ones, refuse the GPU. So there, for the test: KC_INTERPRET=1 and
+    KC_PALLAS_TARGET=tpu, which kernels.device.pallas_interpret and
+    kernels.tpu_lowering.pallas_target read at every call (Triton read KC_INTERPRET once, at
+    import: it stays compiled), and the CPU as JAX's default device, so arrays made in the test
+    (jnp.asarray, jax.random) live and run there, in exact fp32. A test may still set
+    KC_PALLAS_TARGET=gpu itself to check a refusal."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        yield
+        return
+    monkeypatch.setenv("KC_INTERPRET", "1")
+    monkeypatch.setenv("KC_PALLAS_TARGET", "tpu")
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 @pytest.fixture(scope="session")

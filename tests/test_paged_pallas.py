@@ -1,5 +1,6 @@
 """The Pallas paged attention against the float64 reference, under TPU interpret mode with the
-race detector on (two simulated cores), and a racy control kernel the detector must catch."""
+race detector on (two simulated cores), and a racy control kernel the detector must catch.
+On a GPU host too: TPU interpret mode on JAX's CPU device (conftest's tpu_interpret_on_cpu)."""
 
 
 import jax
@@ -15,6 +16,7 @@ from kernels.paged import paged_attention_pallas, paged_attention_reference
 from kernels.paged.reference import random_paged_inputs
 from shared.check import assert_close, fresh_seed
 
+pytestmark = pytest.mark.usefixtures("tpu_interpret_on_cpu")
 BLOCK = 16
 RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 

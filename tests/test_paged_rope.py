@@ -50,6 +50,7 @@ def test_triton_forward_and_backward(interleaved, head_dim):
     assert_close(xt.grad, dx_ref, tol=TOL, what="rope backward")
 
 
+@pytest.mark.usefixtures("tpu_interpret_on_cpu")   # rope_pallas is written for the TPU
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_pallas_forward_and_backward(interleaved):
     x, pos, dy = _inputs(37, 3, 80, fresh_seed())

@@ -1,4 +1,6 @@
-"""kernels/quant: the Pallas quantized matmul (interpret mode on CPU) against float64."""
+"""kernels/quant: the Pallas quantized matmul (interpret mode on CPU) against float64. A TPU
+kernel: on a GPU host it runs in interpret mode on JAX's CPU device too (conftest's fixture),
+and refuses the GPU target by name."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from kernels.quant import quantize, quantized_matmul_reference
 from kernels.quant.matmul_pallas import quantized_matmul_pallas
 from shared.check import assert_close, fresh_seed
 
+pytestmark = pytest.mark.usefixtures("tpu_interpret_on_cpu")
 GROUPS = {"int8": [None], "llm.int8": [None], "int4": [32, 64, 128], "nf4": [64]}
 
 

@@ -2,7 +2,9 @@
 "How"): Mosaic TPU for every public Pallas function, forward and gradients, f32 and bf16, at
 shapes that are not multiples of the blocks; and the GPU path takes the Triton lowering, not
 Mosaic GPU. Lowering needs KC_INTERPRET=0 before the kernels are built, so it runs in a fresh
-process; the pytest process itself stays in interpret mode."""
+process, on JAX's CPU backend even on a GPU host (where the kernels would otherwise pick the GPU
+target); the pytest process itself stays in interpret mode. Also conftest's tpu_interpret_on_cpu
+on a simulated GPU host."""
 
 import functools
 import json
@@ -12,12 +14,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+import torch
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
-from kernels.tpu_lowering import check_gpu_blocks, lower_for_tpu, vmem_blocks
+from kernels.moe.grouped_matmul_pallas import grouped_matmul_pallas
+from kernels.paged import rope_pallas, rope_reference
+from kernels.tpu_lowering import check_gpu_blocks, lower_for_tpu, pallas_target, vmem_blocks
+from shared.check import assert_close
 
 F32 = jnp.float32
 
@@ -130,7 +137,8 @@ print(json.dumps(out))
 
 def _run(script: str, **env) -> object:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "KC_INTERPRET": "0", **env},
+                          timeout=120,
+                          env={**os.environ, "KC_INTERPRET": "0", "JAX_PLATFORMS": "cpu", **env},
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -193,6 +201,7 @@ def test_gpu_path_takes_the_triton_lowering():
             assert r.get("triton") and not r.get("mosaic_gpu"), f"{name}: {r}"
 
 
+@pytest.mark.usefixtures("tpu_interpret_on_cpu")   # interpret mode on a GPU host too
 def test_lower_for_tpu_refuses_interpret_mode():
     with pytest.raises(RuntimeError, match="KC_INTERPRET=0"):
         lower_for_tpu(lambda x: x, name="anything")
@@ -203,3 +212,24 @@ def test_gpu_blocks_must_be_powers_of_two():
     check_gpu_blocks("tpu", block_m=24)     # Mosaic has its own (8, 128) rule instead
     with pytest.raises(ValueError, match="block_m=24 must be a power of two"):
         check_gpu_blocks("gpu", block_m=24)
+
+
+def test_tpu_interpret_on_cpu_on_a_simulated_gpu_host(monkeypatch, request):
+    """JAX's default backend says "gpu", as on the H200: the kernels pick the Triton lowering
+    and compile (what failed there). Inside conftest's fixture they interpret the TPU variant
+    on the CPU device, correctly; a test that asks for the GPU target still gets the refusal."""
+    for name in ("KC_INTERPRET", "KC_PALLAS_TARGET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not pallas_interpret() and pallas_target() == "gpu"
+    request.getfixturevalue("tpu_interpret_on_cpu")
+    assert pallas_interpret() and pallas_target() == "tpu"
+    x = np.random.default_rng(0).standard_normal((37, 3, 80)).astype(np.float32)
+    pos = np.arange(37, dtype=np.int32) * 7
+    out = rope_pallas(jnp.asarray(x), jnp.asarray(pos))
+    assert out.devices() == {jax.devices("cpu")[0]}
+    assert_close(out, rope_reference(torch.tensor(x, dtype=torch.float64), torch.tensor(pos)),
+                 tol=1e-5, what="rope_pallas in the fixture")
+    monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")
+    with pytest.raises(RuntimeError, match="grouped_matmul_pallas is a TPU kernel"):
+        grouped_matmul_pallas(jnp.zeros((8, 16)), jnp.zeros((2, 16, 8)), jnp.array([3, 5]))
