@@ -1,10 +1,14 @@
 """The training corpus and its tokenizer: the Python standard library's own source.
 
 Every machine that runs this project has the interpreter's standard library on disk, so the
-corpus needs no download and no third-party text is committed: `corpus_text()` reads the
-top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]`` in sorted order. The text is
-deterministic for a given Python version; `corpus_fingerprint()` names it so caches of models
-trained on it (shared/models/zoo.py) notice when it changes.
+corpus needs no download and no third-party text is committed (but for 2 KB: the held-out
+prompts, below): `corpus_text()` reads the top-level ``*.py`` files of
+``sysconfig.get_paths()["stdlib"]`` in sorted order. The text is deterministic for a given
+Python version; `corpus_fingerprint()` names it so caches of models trained on it
+(shared/models/zoo.py) notice when it changes. A model trained under one Python is therefore
+scored only where the corpus is the same, except on the eight 256-byte windows of its held-out
+split that ship beside the checkpoints (shared/models/checkpoints/held-out.json, CPython
+source under the PSF licence), which benchmarks' prompts are cut from on any Python.
 
 Tokens are raw UTF-8 bytes (vocab 256): no tokenizer to train or ship, and code is mostly ASCII.
 """

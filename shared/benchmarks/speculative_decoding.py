@@ -1,6 +1,7 @@
 """Speculative decoding: the measurements behind the lab, and `kclub bench speculative-decoding`.
 
-Greedy, the paper's setting, on the zoo's models and prompts cut from held-out stdlib text:
+Greedy, the paper's setting, on the zoo's models and prompts cut from held-out stdlib text
+(shipped with the checkpoints, so any Python runs it):
 1. the choosing pass (`sweep`): one profiled run per drafter and γ, beside the autoregressive
    baseline. It measures α, tokens per call and the cost ratio c inside the real loops (the
    time of one drafter step in the speculative loop over one step of the autoregressive loop),
@@ -43,15 +44,14 @@ class Setup:
 
 
 def setup(n_prompts: int | None = None, prompt_len: int = 48, n_new: int | None = None) -> Setup:
-    """The zoo's target and both drafters; prompts cut from the held-out split, after checking
-    that this machine's corpus is the one both checkpoints were trained on."""
+    """The zoo's target and both drafters; `n_prompts` (1, 2, 4 or 8) prompts spread over the
+    split both checkpoints were validated on, read from the held-out sample shipped with them
+    (zoo.held_out_prompts), so they are the same, and held out, under any Python."""
     device = "cuda" if gpu_available() else "cpu"
     target, draft = zoo.load("target").to(device), zoo.load("draft").to(device)
     exit_layer = zoo.RECIPES["target"][1].exit_layer
-    val = zoo.held_out_tokens("target", "draft").to(device)
-    n_prompts = n_prompts or pick(ci=2, full=8)
-    stride = len(val) // n_prompts
-    prompts = [val[i * stride:i * stride + prompt_len][None] for i in range(n_prompts)]
+    prompts = [p.to(device)[None] for p in zoo.held_out_prompts(
+        n_prompts or pick(ci=2, full=8), prompt_len, "target", "draft")]
     return Setup(target, {"draft model": Drafter(draft),
                           "self-draft": Drafter(target, n_layers=exit_layer)},
                  prompts, n_new or pick(ci=48, full=160))

@@ -13,6 +13,12 @@ into build/models/. Cost on this 2-core CPU (shared with other jobs, one torch t
 ``python -m shared.models.zoo --ship --threads 1``. Training is seeded (tests/test_models.py
 checks that a short run repeats exactly); bitwise-equal weights across machines additionally
 need the same torch version, thread count and CPU kernels.
+
+The corpus is this Python's standard library (shared/data.py), so the validation split moves
+with the interpreter, and `held_out_tokens` refuses a machine whose corpus differs from the one
+the checkpoints stored. Benchmarks that only need a few prompts read `held_out_prompts`: windows
+cut once from the checkpoints' own split and shipped beside them (checkpoints/held-out.json,
+2 KB, hash-checked), so any Python can run them on text the models never trained on.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +38,9 @@ from shared.paths import build_dir
 from shared.train import TrainConfig, train
 
 SHIPPED = Path(__file__).parent / "checkpoints"
+HELD_OUT = SHIPPED / "held-out.json"
+# The shipped sample: window i starts at i · (len // 8) of the split, 256 bytes (max_seq_len) each.
+HELD_OUT_WINDOWS, HELD_OUT_LENGTH = 8, 256
 
 RECIPES: dict[str, tuple[LlamaConfig, TrainConfig]] = {
     "target": (
@@ -111,6 +121,64 @@ def held_out_tokens(*names: str) -> torch.Tensor:
     return train_val_tokens()[1]
 
 
+def _spread(val: torch.Tensor) -> list[torch.Tensor]:
+    """The sample's windows of a validation split (one definition for writing and fallback)."""
+    stride = len(val) // HELD_OUT_WINDOWS
+    return [val[i * stride:i * stride + HELD_OUT_LENGTH] for i in range(HELD_OUT_WINDOWS)]
+
+
+def _digest(windows: list[bytes]) -> str:
+    return hashlib.sha256(b"".join(windows)).hexdigest()
+
+
+def write_held_out(path: Path = HELD_OUT) -> dict:
+    """Cut the held-out sample from this machine's split and write it to `path`. Refuses (via
+    `held_out_tokens`) unless this corpus is the one every recipe's checkpoint was trained on."""
+    val = held_out_tokens(*sorted(RECIPES))
+    windows = [bytes(w.tolist()) for w in _spread(val)]
+    sample = {"corpus": corpus_fingerprint(), "python": platform.python_version(),
+              "held_out_tokens": len(val), "stride": len(val) // HELD_OUT_WINDOWS,
+              "length": HELD_OUT_LENGTH, "sha256": _digest(windows),
+              "windows": [w.decode("utf-8") for w in windows]}   # strict: exact bytes back
+    path.write_text(json.dumps(sample, indent=1) + "\n")
+    return sample
+
+
+def held_out_sample(path: Path | None = None) -> tuple[str, list[torch.Tensor]]:
+    """The shipped sample (or the one at `path`): (the corpus fingerprint it was cut from, its
+    windows as int64 tokens), after checking the windows' SHA-256 against the recorded one."""
+    path = path or HELD_OUT
+    sample = json.loads(path.read_text())
+    windows = [w.encode("utf-8") for w in sample["windows"]]
+    if _digest(windows) != sample["sha256"] or len(windows) != HELD_OUT_WINDOWS or any(
+            len(w) != HELD_OUT_LENGTH for w in windows):
+        raise ValueError(f"{path}: its windows are not the {HELD_OUT_WINDOWS} × "
+                         f"{HELD_OUT_LENGTH} bytes of SHA-256 {sample['sha256'][:12]} it records; "
+                         f"regenerate it with `python -m shared.models.zoo --held-out`")
+    return sample["corpus"], [torch.tensor(list(w), dtype=torch.long) for w in windows]
+
+
+def held_out_prompts(count: int, length: int, *names: str) -> list[torch.Tensor]:
+    """`count` prompts of `length` tokens, spread evenly over the validation split the models
+    `names` were scored on: windows 0, 8 / count, ... of the shipped sample (each 1-D int64).
+
+    The sample is read whatever this machine's corpus is, provided it was cut from the corpus
+    every model in `names` stored; models trained on another corpus (a new recipe) get the same
+    windows cut from this machine's split instead, which `held_out_tokens` checks is theirs."""
+    if not names:
+        raise ValueError("names must list at least one model, e.g. held_out_prompts(2, 48, "
+                         "'target')")
+    if not isinstance(count, int) or count < 1 or HELD_OUT_WINDOWS % count:
+        raise ValueError(f"count must divide {HELD_OUT_WINDOWS} (the shipped windows), got "
+                         f"{count!r}")
+    if not isinstance(length, int) or not 1 <= length <= HELD_OUT_LENGTH:
+        raise ValueError(f"length must be in [1, {HELD_OUT_LENGTH}], got {length!r}")
+    corpus, windows = held_out_sample()
+    if any(checkpoint(name)["corpus"] != corpus for name in names):
+        windows = _spread(held_out_tokens(*names))
+    return [w[:length] for w in windows[::HELD_OUT_WINDOWS // count]]
+
+
 def load(name: str, *, train_if_missing: bool = True) -> Llama:
     """The trained model `name` ("target" or "draft") in float32, eval mode, no grad needed."""
     ckpt = checkpoint(name, train_if_missing=train_if_missing)
@@ -123,17 +191,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train the zoo's models and cache them.")
     parser.add_argument("names", nargs="*", default=sorted(RECIPES))
     parser.add_argument("--ship", action="store_true",
-                        help="write into shared/models/checkpoints/ (the committed files)")
+                        help="write into shared/models/checkpoints/ (the committed files), "
+                             "then the held-out sample cut from the split they were scored on")
+    parser.add_argument("--held-out", action="store_true",
+                        help="only rewrite the shipped held-out sample (checkpoints/held-out.json)"
+                             " from this machine's corpus, which must be the checkpoints'")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 trains faster on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.held_out:
+        print(f"held-out sample of corpus {write_held_out()['corpus']} -> {HELD_OUT}")
+        return
     for name in args.names:
         path = SHIPPED / f"{name}.pt" if args.ship else checkpoint_paths(name)[1]
         ckpt = train_and_save(name, path)
         print(f"{name}: val loss {ckpt['val_loss']:.3f} nats/byte (exit: "
               f"{ckpt['val_loss_exit']}), {ckpt['train_seconds']:.0f} s -> {path}")
+    if args.ship:
+        write_held_out()
 
 
 if __name__ == "__main__":
