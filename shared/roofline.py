@@ -51,6 +51,12 @@ HARDWARE: dict[str, Hardware] = {
     "A100 80GB": Hardware(
         "A100 80GB", {"fp16": 312 * T, "bf16": 312 * T, "tf32": 156 * T, "fp32": 19.5 * T},
         2.039e12, 164 * 1024, "NVIDIA A100 datasheet, SXM 80 GB", sms=108),
+    # The SXM3 module of the DGX-2/2H that Megatron-LM ran on is the same GV100 (32 GB); the
+    # datasheet's figures are the NVLink (SXM2) column's. No bf16 or tf32 on Volta.
+    "V100 SXM3": Hardware(
+        "V100 SXM3", {"fp16": 125 * T, "fp32": 15.7 * T}, 900e9, 96 * 1024,
+        "NVIDIA Tesla V100 datasheet, NVLink column: 125 TFLOP/s Tensor Core, 15.7 fp32, "
+        "900 GB/s HBM2; Volta whitepaper: 80 SMs, up to 96 KB shared memory per SM", sms=80),
     "TPU v5e": Hardware(
         "TPU v5e", {"bf16": 197 * T, "fp16": 197 * T, "int8": 394 * T}, 819e9, 128 * 1024**2,
         "Google Cloud TPU v5e documentation (VMEM is per core, sized by the compiler)"),

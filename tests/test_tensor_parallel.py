@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared import roofline
 from shared.benchmarks import tensor_parallel as bench
 from shared.check import assert_close, fresh_seed, rel_error, tolerance
 from shared.models.llama import LlamaConfig
@@ -148,6 +149,7 @@ def test_a_failing_rank_ends_the_run_with_its_error(weights):
 
 
 def test_weak_scaling_model_calibrated_at_8_way_reproduces_the_anchor_and_falls_with_p():
+    assert bench.V100["peak"] == roofline.hardware("V100 SXM3").peak("fp16")  # one table
     k = bench.calibrate(bench.MEGATRON_WEAK[-1], 0.77, bench.V100)
     effs = [bench.weak_scaling_predicted(s, peak=bench.V100["peak"],
                                          fraction=bench.BASELINE_FRACTION,
