@@ -124,16 +124,19 @@ def test_block_pool_adopt_retain_release():
     a = m.block_table("a")
     for b in a[:2]:
         m.retain(b)                           # the tree keeps a's full blocks
+    assert m.num_cache_only == 0              # a still uses them
     m.free("a")
-    assert m.num_free == 4 and m.ref_counts[a[0]] == 1
+    assert m.num_free == 4 and m.ref_counts[a[0]] == 1 and m.num_cache_only == 2
     m.adopt("b", a[:2], list(range(8)))       # a later request starts on them
+    assert m.num_cache_only == 0
     assert m.append_token("b", 8).ok and m.length("b") == 9
     assert m.seqs["b"].hashes == chain_hashes(list(range(8)), 4)
     m.check()
     m.free("b")
+    assert m.num_cache_only == 2
     for b in a[:2]:
         m.release(b)
-    assert m.num_free == 6
+    assert m.num_free == 6 and m.num_cache_only == 0
     m.check()
     with pytest.raises(ValueError, match="free"):
         m.retain(0)
@@ -156,3 +159,45 @@ def test_adopted_chain_hashes_match_the_base_managers():
         pool.append_token("t", t)
     assert pool.seqs["t"].hashes == base.seqs["s"].hashes
     pool.check()
+
+
+pool_ops = st.lists(st.tuples(st.sampled_from(["alloc", "append", "fork", "free", "retain",
+                                               "release", "adopt"]),
+                              st.integers(0, 20), st.integers(0, 9)), min_size=1, max_size=80)
+
+
+@settings(max_examples=60)
+@given(ops=pool_ops, num_blocks=st.integers(1, 10))
+def test_cache_only_count_equals_a_scan_after_any_operations(ops, num_blocks):
+    """The scheduler reads BlockPool.num_cache_only each step instead of scanning every block:
+    after any mix of sequence and cache operations it equals the scan (blocks the cache holds
+    that no sequence uses)."""
+    m, next_id = BlockPool(num_blocks, BS), 0
+    for op, pick, n in ops:
+        live = sorted(m.seqs)
+        blocks = [b for b in range(num_blocks) if m.ref_counts[b]]
+        held = [b for b in range(num_blocks) if m.held[b]]
+        if op == "alloc":
+            if m.allocate(next_id, [pick % 3] * n).ok:   # 3 token values: shared prefixes
+                next_id += 1
+        elif op == "retain" and blocks:
+            m.retain(blocks[pick % len(blocks)])
+        elif op == "release" and held:
+            m.release(held[pick % len(held)])
+        elif op == "adopt" and live:
+            s = m.seqs[live[pick % len(live)]]
+            k = min(len(s.tokens) // BS, n)
+            if k:
+                m.adopt(next_id, s.table[:k], s.tokens[:k * BS])
+                next_id += 1
+        elif live and op == "append":
+            m.append_token(live[pick % len(live)], n)
+        elif live and op == "fork":
+            m.fork(live[pick % len(live)], next_id)
+            next_id += 1
+        elif live and op == "free":
+            m.free(live[pick % len(live)])
+        scan = sum(1 for b in range(num_blocks)
+                   if m.held[b] and m.ref_counts[b] == m.held[b])
+        assert m.num_cache_only == scan, (op, m.held, m.ref_counts)
+        m.check()

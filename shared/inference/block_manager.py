@@ -101,7 +101,7 @@ class BlockManager:
         if needed > self.num_free:
             return Outcome(False, needed=needed, free=self.num_free)
         for b in cached:
-            self.ref_counts[b] += 1
+            self._add_ref(b, 1)
         new = [self._take() for _ in range(needed)]
         s = _Seq(cached + new, tokens, hashes)
         for i in range(len(cached), len(hashes)):       # register the new full blocks
@@ -126,7 +126,7 @@ class BlockManager:
             new = (s.table[-1],)
         elif shared:                                    # §4.4: copy, then write the copy
             src = s.table[-1]
-            self.ref_counts[src] -= 1
+            self._add_ref(src, -1)                      # still held by the other sequence
             s.table[-1] = self._take()
             new, copies = (s.table[-1],), ((src, s.table[-1]),)
         s.tokens.append(int(token))
@@ -142,7 +142,7 @@ class BlockManager:
             raise ValueError(f"sequence {child!r} is already allocated")
         p = self._seq(parent)
         for b in p.table:
-            self.ref_counts[b] += 1
+            self._add_ref(b, 1)
         self.seqs[child] = _Seq(list(p.table), list(p.tokens), list(p.hashes))
         return Outcome(True, free=self.num_free)
 
@@ -151,14 +151,19 @@ class BlockManager:
             self._drop(b)
 
     # ---- internals ------------------------------------------------------------------------
+    def _add_ref(self, block: int, delta: int) -> None:
+        """Every change of a reference count goes through here, so a subclass can keep counts
+        that depend on them up to date (BlockPool's cache-only blocks)."""
+        self.ref_counts[block] += delta
+
     def _take(self) -> int:
         b = self.free_list.popleft()
-        self.ref_counts[b] = 1
+        self._add_ref(b, 1)                             # a free block's count is 0
         return b
 
     def _drop(self, block: int) -> None:
         """One holder fewer; the last one gone, the block leaves the prefix cache and is free."""
-        self.ref_counts[block] -= 1
+        self._add_ref(block, -1)
         if self.ref_counts[block] == 0:
             h = self._hash_of.pop(block, None)
             if h is not None and self.prefix.get(h) == block:

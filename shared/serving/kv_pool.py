@@ -6,7 +6,9 @@ counts) with the three things a prefix cache needs that it lacks:
 - `adopt(seq, blocks, tokens)`: start a sequence on blocks that already hold those tokens'
   K, V (a radix-tree hit; the base only shares blocks through its own hash chain);
 - `retain(block)` / `release(block)`: a holder that is not a sequence (the radix tree keeps
-  a finished request's full blocks; the base frees a block when its last sequence goes).
+  a finished request's full blocks; the base frees a block when its last sequence goes);
+- `num_cache_only`: the blocks the prefix cache alone holds (no request uses them), kept as a
+  running count where reference counts change, so the scheduler does not scan every block.
 
 `forward` runs the tiny Llama once for the whole batch, Orca's "selective batching" (§4.2):
 the step's tokens are flattened, one batch row each, so the linear layers run on exactly the
@@ -28,8 +30,9 @@ from shared.models.llama import Llama
 
 class BlockPool(BlockManager):
     def __init__(self, num_blocks: int, block_size: int):
-        super().__init__(num_blocks, block_size)
         self.held = [0] * num_blocks          # references held by the prefix cache
+        self.num_cache_only = 0               # blocks with held == ref_counts > 0
+        super().__init__(num_blocks, block_size)
 
     def adopt(self, seq, blocks, tokens) -> None:
         tokens = [int(t) for t in tokens]
@@ -40,19 +43,18 @@ class BlockPool(BlockManager):
         if any(self.ref_counts[b] == 0 for b in blocks):
             raise ValueError("adopt takes live blocks only (a free block holds no K, V)")
         for b in blocks:
-            self.ref_counts[b] += 1
+            self._add_ref(b, 1)
         self.seqs[seq] = _Seq(list(blocks), tokens, chain_hashes(tokens, self.block_size))
 
     def retain(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             raise ValueError(f"block {block} is free: there is nothing in it to keep")
-        self.ref_counts[block] += 1
-        self.held[block] += 1
+        self._add_ref(block, 1, held=1)
 
     def release(self, block: int) -> None:
         if self.held[block] == 0:
             raise ValueError(f"block {block} is not held by the cache")
-        self.held[block] -= 1
+        self._add_ref(block, 0, held=-1)
         self._drop(block)
 
     def room(self, seq) -> int:
@@ -60,9 +62,25 @@ class BlockPool(BlockManager):
         s = self.seqs[seq]
         return len(s.table) * self.block_size - len(s.tokens) + self.num_free * self.block_size
 
+    def _add_ref(self, block: int, delta: int, held: int = 0) -> None:
+        """Reference counts (and the cache's share of them, `held`) change only here: the
+        block's cache-only state before and after updates num_cache_only."""
+        was = self._cache_only(block)
+        self.held[block] += held
+        super()._add_ref(block, delta)
+        self.num_cache_only += self._cache_only(block) - was
+
+    def _cache_only(self, block: int) -> bool:
+        return 0 < self.held[block] == self.ref_counts[block]
+
     def _other_holders(self) -> list[int]:
         """The prefix cache's references: `check` counts them beside the sequences'."""
         return list(self.held)
+
+    def check(self) -> None:
+        super().check()
+        scan = sum(self._cache_only(b) for b in range(self.num_blocks))
+        assert self.num_cache_only == scan, "num_cache_only ≠ a scan of the blocks"
 
 
 class RaggedPagedBatch:

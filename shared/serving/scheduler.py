@@ -127,8 +127,7 @@ class Scheduler:
                                      if r.status is Status.RUNNING and id(r) not in ran)
         m = self.manager
         step.used_blocks = m.num_blocks - m.num_free
-        step.cache_only_blocks = sum(1 for b in range(m.num_blocks)
-                                     if m.held[b] and m.ref_counts[b] == m.held[b])
+        step.cache_only_blocks = m.num_cache_only
         step.running, step.waiting = len(self.running), len(self.waiting)
         return step
 
