@@ -111,7 +111,9 @@ class GPTShape:
 
 MEGATRON_WEAK = (GPTShape(1.2, 1536, 40, 1), GPTShape(2.5, 1920, 54, 2),
                  GPTShape(4.2, 2304, 64, 4), GPTShape(8.3, 3072, 72, 8))
-MEGATRON_MEASURED = {1: 1.00, 2: 0.95, 4: 0.82, 8: 0.77}  # Fig. 5, model parallel, batch 8
+# Fig. 5's bar labels, model parallel, batch 8 (§5.1's text states the 8-way 77%; the figure's
+# model + data parallel bars, 96/83/79/74% on 64-512 GPUs, are another experiment).
+MEGATRON_MEASURED = {1: 1.00, 2: 0.95, 4: 0.82, 8: 0.77}
 # Megatron-LM's DGX-2H: V100 SXM3 (shared.roofline's row) behind NVSwitch, "300 GB/sec between
 # GPUs inside a server" (§5; both directions: 150 GB/s each way).
 V100 = {"peak": roofline.hardware("V100 SXM3").peak("fp16"), "link_bw": 150e9}
