@@ -104,17 +104,23 @@ def _subjaxprs(value):
             yield from _subjaxprs(item)
 
 
-def _pallas_calls(jaxpr):
+# pallas_call: a kernel over a grid. mpmd_map: pl.kernel's launch on a mesh of cores (jax 0.10),
+# whose body takes every operand and scratch buffer as a ref, with no grid.
+_KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")
+
+
+def _kernel_calls(jaxpr):
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name in _KERNEL_PRIMITIVES:
             yield eqn
         for value in eqn.params.values():
             for sub in _subjaxprs(value):
-                yield from _pallas_calls(sub)
+                yield from _kernel_calls(sub)
 
 
 def vmem_blocks(fn, *args) -> list[dict]:
-    """Per pallas_call in `fn(*args)`: its grid and the VMEM Mosaic allocates for it.
+    """Per Pallas kernel in `fn(*args)` (pallas_call or pl.kernel): its grid and the VMEM Mosaic
+    allocates for it.
 
     Counted the way the Pallas TPU lowering describes each operand to Mosaic
     (jax/_src/pallas/mosaic/lowering.py, the `window_params` it emits):
@@ -124,34 +130,67 @@ def vmem_blocks(fn, *args) -> list[dict]:
       array at index 0, never re-fetched), for which the lowering forces one buffer.
     - Operands in ANY/HBM stay in HBM (the kernel DMAs from them itself), SMEM operands and
       scalar prefetch live in SMEM, semaphores in their own space: none of them is VMEM.
-    - scratch_shapes in VMEM are allocated once, for the whole kernel.
+    - Scratch in VMEM (pallas_call's scratch_shapes, pl.kernel's scratch_types) is allocated
+      once, for the whole kernel.
     block_bytes is one buffer of each VMEM block (a squeezed dim counts 1); vmem_bytes =
-    Σ block bytes × buffers + scratch_bytes. Mosaic's internal scratch and any padding of a
-    block to (8, 128) tiles are not counted.
+    Σ block bytes × buffers + scratch_bytes. Not counted: Mosaic's internal scratch, padding of
+    a block to (8, 128) tiles, and buffers a body allocates itself with run_scoped.
     """
-    # Private, so imported here: the kernels import this module for their compiler params and
-    # must not break on a JAX that moved these (the GPU machine's is newer).
-    from jax._src.pallas.core import MemorySpace, get_block_size
-    from jax._src.pallas.mosaic import core as tpu_core
-
-    def in_vmem(memory_space) -> bool:
-        space = tpu_core.memory_space_to_tpu_memory_space(memory_space, tpu_core.CoreType.TC)
-        return space == tpu_core.MemorySpace.VMEM
-
     calls = []
-    for eqn in _pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr):
-        mapping = eqn.params["grid_mapping"]
-        grid = tuple(mapping.grid)
-        blocks = [(math.prod(get_block_size(d) for d in bm.block_shape)
-                   * bm.array_aval.dtype.itemsize, _buffers(bm, grid))
-                  for bm in mapping.block_mappings
-                  if in_vmem(bm.block_aval.memory_space or MemorySpace.DEFAULT)]
-        scratch = sum(math.prod(a.shape) * a.dtype.itemsize for a in mapping.scratch_avals
-                      if in_vmem(a.memory_space))
-        calls.append({"kernel": eqn.params.get("name") or "pallas_call", "grid": grid,
+    for eqn in _kernel_calls(jax.make_jaxpr(fn)(*args).jaxpr):
+        if eqn.primitive.name == "pallas_call":
+            grid, blocks, scratch = _pallas_call_vmem(eqn)
+        else:
+            grid, blocks, scratch = (), *_core_map_vmem(eqn)
+        calls.append({"kernel": eqn.params.get("name") or eqn.primitive.name, "grid": grid,
                       "block_bytes": sum(b for b, _ in blocks), "scratch_bytes": scratch,
                       "vmem_bytes": sum(b * n for b, n in blocks) + scratch})
     return calls
+
+
+# The jax._src imports below are private, so made inside the functions: the kernels import this
+# module for their compiler params and must not break on a JAX that moved them (the GPU
+# machine's is newer).
+
+def _in_vmem(memory_space) -> bool:
+    """Where a TensorCore kernel keeps a ref of this memory space (None/default: VMEM)."""
+    from jax._src.pallas.mosaic import core as tpu_core
+
+    space = tpu_core.memory_space_to_tpu_memory_space(memory_space, tpu_core.CoreType.TC)
+    return space == tpu_core.MemorySpace.VMEM
+
+
+def _nbytes(aval) -> int:
+    return math.prod(aval.shape) * aval.dtype.itemsize
+
+
+def _pallas_call_vmem(eqn):
+    """(grid, [(block bytes, buffers)], scratch bytes) of one pallas_call (vmem_blocks)."""
+    from jax._src.pallas.core import MemorySpace, get_block_size
+
+    mapping = eqn.params["grid_mapping"]
+    grid = tuple(mapping.grid)
+    blocks = [(math.prod(get_block_size(d) for d in bm.block_shape)
+               * bm.array_aval.dtype.itemsize, _buffers(bm, grid))
+              for bm in mapping.block_mappings
+              if _in_vmem(bm.block_aval.memory_space or MemorySpace.DEFAULT)]
+    scratch = sum(_nbytes(a) for a in mapping.scratch_avals if _in_vmem(a.memory_space))
+    return grid, blocks, scratch
+
+
+def _core_map_vmem(eqn):
+    """([(operand bytes, 1)], scratch bytes) of one pl.kernel launch: its body's refs are the
+    operands (inputs, then outputs) and then the scratch; each VMEM one is one buffer. One body
+    per mesh (core type), each with its own VMEM: the largest is the budget's concern."""
+    operands = len(eqn.invars) + len(eqn.params["out_avals"])
+    best = ([], 0)
+    for body in eqn.params["jaxprs"]:
+        refs = [v.aval for v in getattr(body, "jaxpr", body).invars]
+        blocks = [(_nbytes(a), 1) for a in refs[:operands] if _in_vmem(a.memory_space)]
+        scratch = sum(_nbytes(a) for a in refs[operands:] if _in_vmem(a.memory_space))
+        if sum(b for b, _ in blocks) + scratch > sum(b for b, _ in best[0]) + best[1]:
+            best = (blocks, scratch)
+    return best
 
 
 def _buffers(block_mapping, grid: tuple) -> int:
@@ -167,7 +206,8 @@ def lower_for_tpu(fn, *args, name: str) -> dict:
 
     The record: name, target "tpu", status ("ok" or the error text), tpu_custom_call (whether a
     Mosaic kernel is in the module: a pallas_call built for interpret mode lowers to plain HLO
-    instead), pallas_calls (vmem_blocks), vmem_bytes (the largest call: calls run one at a time),
+    instead), pallas_calls (vmem_blocks: every Pallas kernel), vmem_bytes (the largest call: calls
+    run one at a time),
     the VMEM budget and whether it fits. Needs KC_INTERPRET=0 in the environment.
     """
     if pallas_interpret():

@@ -57,7 +57,18 @@ def hand_counted():
             scratch_shapes=[pltpu.VMEM((8, 128), jnp.bfloat16)],   # 2048
             interpret=pallas_interpret())(x, single, whole, hbm, smem)
 
+    def on_cores(x):   # pl.kernel: operands stay in HBM (ANY), the kernel copies via scratch
+        def body(x_hbm, o_hbm, buf, smem, sem):
+            pltpu.sync_copy(x_hbm, buf)
+            pltpu.sync_copy(buf, o_hbm)
+        return pl.kernel(body, S(x.shape, x.dtype),
+                         mesh=pltpu.create_tensorcore_mesh("core", num_cores=1),
+                         scratch_types=[pltpu.VMEM((16, 128), F32), pltpu.SMEM((4,), jnp.int32),
+                                        pltpu.SemaphoreType.DMA(())],
+                         interpret=pallas_interpret())(x)
+
     return [("hand no grid", no_grid, (S((16, 128), F32),), 2 * 8192 + 4096),
+            ("hand pl.kernel", on_cores, (S((16, 128), F32),), 8192),
             ("hand grid", grid, (S((16, 128), F32), S((16, 128), F32), S((16, 128), F32),
                                  S((64, 128), F32), S((4,), jnp.int32)),
              2 * 4096 + 4096 + 8192 + 2 * 4096 + 2048)]
@@ -178,7 +189,8 @@ def test_vmem_bytes_count_double_buffered_blocks(tpu_records):
 @pytest.mark.parametrize("case", hand_counted(), ids=lambda c: c[0])
 def test_vmem_bytes_as_counted_by_hand(case):
     """Blocks double-buffered only under a grid, a trivial window or Buffered(1) once, ANY and
-    SMEM operands and semaphores not in VMEM, VMEM scratch once (hand_counted's comments)."""
+    SMEM operands and semaphores not in VMEM, VMEM scratch once, pl.kernel's too
+    (hand_counted's comments)."""
     name, fn, args, expected = case
     [call] = vmem_blocks(fn, *args)
     assert call["vmem_bytes"] == expected, call
