@@ -67,10 +67,15 @@ def _torch_cases() -> list[Case]:
 
     for dt in dtypes:
         main = dt != "fp32"
-        for n_cols in (1000, 50_000):  # one tile per row / rows swept in tiles (> 4096)
+        # the tilings kernels/softmax/tiling.py picks: many short rows per tile (4096×128), one
+        # tile per row (256×1000; 64×4096, the widest, 8 warps in fp16 and 16 in fp32), rows
+        # swept in tiles of 1024 (2048×50000: 8 rows per program; 4×50000: 1, as in decoding).
+        # torch.empty: compiled, never run, so the values are never read
+        for n_rows, n_cols in ((4096, 128), (256, 1000), (64, 4096), (2048, 50_000), (4, 50_000)):
             for fn in (softmax, safe_softmax):
-                add("softmax", f"{fn.__name__} 256×{n_cols}", dt, main,
-                    lambda fn=fn, n=n_cols, dt=dt: fn(torch.randn(256, n, dtype=dtypes[dt])))
+                add("softmax", f"{fn.__name__} {n_rows}×{n_cols}", dt, main,
+                    lambda fn=fn, r=n_rows, n=n_cols, dt=dt: fn(torch.empty(r, n,
+                                                                          dtype=dtypes[dt])))
         # head dims of the labs (64: GPT-2 medium; 128: Llama), GQA, causal (bottom-right)
         for d in (64, 128):
             add("attention", f"flash fwd+bwd d={d} N=1000 causal GQA 8/2", dt, main,

@@ -12,7 +12,9 @@ Softmax is memory bound, so 4/3 fewer accesses predict a speed-up of up to 1.33�
 When a whole row fits in one tile, both kernels take the same path (`_one_tile`): the row is
 loaded once and kept in registers, 2 accesses per element, so the algorithms differ only on rows
 longer than a tile, the regime the paper is about.
-Each program owns BLOCK_M rows, so short rows still give a program a large tile.
+A tile is BLOCK_M rows × BLOCK_N columns; each program walks row blocks pid, pid + P, ... (P
+programs), with NUM_STAGES blocks' loads in flight. How big the tiles are, how many warps and
+programs, is one heuristic for both kernels: kernels/softmax/tiling.py says what and why.
 ALIGN tells the compiler that row starts and the row length are multiples of ALIGN elements:
 Triton only knows that of integers divisible by 16, and without it a row of 1000 fp16 values
 compiles to 2-byte loads instead of 16-byte vector loads (seen in the PTX; the lab shows it).
@@ -27,9 +29,8 @@ import triton.language as tl
 from kernels.device import INTERPRET, new_output
 from kernels.launch import grid as launch_grid
 from kernels.launch import offset
+from kernels.softmax.tiling import Tiling, choose, sm_count
 from kernels.validate import FLOAT_DTYPES, check_dim, check_tensor
-
-TILE_ELEMENTS = 8192  # elements per program tile: BLOCK_M × BLOCK_N
 
 
 @triton.jit
@@ -70,67 +71,68 @@ def _aligned(n_cols, stride_x, stride_out, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _row_block(x_ptr, out_ptr, block, n_rows, stride_x, stride_out,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row starts of row block `block` ([BLOCK_M, 1], int64 offsets), the columns of one tile
+    ([1, BLOCK_N]) and which rows exist."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    return (x_ptr + offset(rows, stride_x), out_ptr + offset(rows, stride_out), cols,
+            rows < n_rows)
+
+
+@triton.jit
 def softmax_online_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ONE_TILE: tl.constexpr, ALIGN: tl.constexpr):
+                          ONE_TILE: tl.constexpr, ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr):
     n_cols, stride_x, stride_out = _aligned(n_cols, stride_x, stride_out, ALIGN)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]   # [BLOCK_M, 1]
-    cols = tl.arange(0, BLOCK_N)[None, :]                                 # [1, BLOCK_N]
-    row_ok = rows < n_rows
-    x_rows = x_ptr + offset(rows, stride_x)         # [BLOCK_M, 1] row starts, int64 offsets
-    out_rows = out_ptr + offset(rows, stride_out)
-    if ONE_TILE:
-        _one_tile(x_rows, out_rows, cols, row_ok, n_cols)
-    else:
-        # Pass 1 (Alg. 3, lines 1-6): running max m and running normaliser d in one sweep.
-        m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
-        d = tl.zeros([BLOCK_M, 1], tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            mask = row_ok & (start + cols < n_cols)
-            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
-            x = x.to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=1, keep_dims=True))
-            d = d * _rescaled_exp(m, m_new) + tl.sum(_rescaled_exp(x, m_new), axis=1,
-                                                     keep_dims=True)
-            m = m_new
-        # Pass 2 (lines 7-9): y_i = exp(x_i − m) / d.
-        _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N)
+    for block in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0),
+                          num_stages=NUM_STAGES):
+        x_rows, out_rows, cols, row_ok = _row_block(x_ptr, out_ptr, block, n_rows, stride_x,
+                                                    stride_out, BLOCK_M, BLOCK_N)
+        if ONE_TILE:
+            _one_tile(x_rows, out_rows, cols, row_ok, n_cols)
+        else:
+            # Pass 1 (Alg. 3, lines 1-6): running max m and running normaliser d in one sweep.
+            m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
+            d = tl.zeros([BLOCK_M, 1], tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                mask = row_ok & (start + cols < n_cols)
+                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
+                x = x.to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=1, keep_dims=True))
+                d = d * _rescaled_exp(m, m_new) + tl.sum(_rescaled_exp(x, m_new), axis=1,
+                                                         keep_dims=True)
+                m = m_new
+            # Pass 2 (lines 7-9): y_i = exp(x_i − m) / d.
+            _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N)
 
 
 @triton.jit
 def softmax_safe_kernel(x_ptr, out_ptr, n_rows, n_cols, stride_x, stride_out,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        ONE_TILE: tl.constexpr, ALIGN: tl.constexpr):
+                        ONE_TILE: tl.constexpr, ALIGN: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Algorithm 2, the baseline: three sweeps over the row (max, Σexp, normalise); a row that
     fits one tile takes the same register-resident path as the online kernel."""
     n_cols, stride_x, stride_out = _aligned(n_cols, stride_x, stride_out, ALIGN)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
-    cols = tl.arange(0, BLOCK_N)[None, :]
-    row_ok = rows < n_rows
-    x_rows = x_ptr + offset(rows, stride_x)
-    out_rows = out_ptr + offset(rows, stride_out)
-    if ONE_TILE:
-        _one_tile(x_rows, out_rows, cols, row_ok, n_cols)
-    else:
-        m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            mask = row_ok & (start + cols < n_cols)
-            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
-            m = tl.maximum(m, tl.max(x.to(tl.float32), axis=1, keep_dims=True))
-        d = tl.zeros([BLOCK_M, 1], tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            mask = row_ok & (start + cols < n_cols)
-            x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
-            d += tl.sum(_rescaled_exp(x.to(tl.float32), m), axis=1, keep_dims=True)
-        _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N)
-
-
-def _check_block_size(block_size: int | None, n_cols: int) -> int:
-    if block_size is None:
-        return min(triton.next_power_of_2(n_cols), 4096)
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    return block_size
+    for block in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0),
+                          num_stages=NUM_STAGES):
+        x_rows, out_rows, cols, row_ok = _row_block(x_ptr, out_ptr, block, n_rows, stride_x,
+                                                    stride_out, BLOCK_M, BLOCK_N)
+        if ONE_TILE:
+            _one_tile(x_rows, out_rows, cols, row_ok, n_cols)
+        else:
+            m = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                mask = row_ok & (start + cols < n_cols)
+                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
+                m = tl.maximum(m, tl.max(x.to(tl.float32), axis=1, keep_dims=True))
+            d = tl.zeros([BLOCK_M, 1], tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                mask = row_ok & (start + cols < n_cols)
+                x = tl.load(x_rows + start + cols, mask=mask, other=float("-inf"))
+                d += tl.sum(_rescaled_exp(x.to(tl.float32), m), axis=1, keep_dims=True)
+            _normalise(x_rows, out_rows, cols, row_ok, n_cols, m, d, BLOCK_N)
 
 
 def _alignment(element_size: int, *lengths: int) -> int:
@@ -155,16 +157,28 @@ def _as_rows(x: torch.Tensor, dim: int, name: str = "x") -> tuple[torch.Tensor, 
     return moved.reshape(-1, moved.shape[-1]), dim
 
 
-def _launch(kernel, x: torch.Tensor, dim: int, block_size: int | None) -> torch.Tensor:
+def _tiling(rows: torch.Tensor, block_size: int | None, tiling: Tiling | None) -> Tiling:
+    if tiling is None:
+        return choose(*rows.shape, rows.element_size(), block_size, sm_count(rows.device))
+    if not isinstance(tiling, Tiling):
+        raise TypeError(f"tiling must be a kernels.softmax.tiling.Tiling, got "
+                        f"{type(tiling).__name__}")
+    if block_size is not None:
+        raise ValueError("give block_size or tiling, not both (tiling.block_n is the tile width)")
+    return tiling.check()
+
+
+def _launch(kernel, x: torch.Tensor, dim: int, block_size: int | None,
+            tiling: Tiling | None) -> torch.Tensor:
     rows, dim = _as_rows(x, dim)
     n_rows, n_cols = rows.shape
-    block_n = _check_block_size(block_size, n_cols)
-    block_m = max(1, min(triton.next_power_of_2(n_rows), TILE_ELEMENTS // block_n))
+    t = _tiling(rows, block_size, tiling)
     out = new_output(rows.shape, rows.dtype, rows.device)
-    grid = launch_grid(triton.cdiv(n_rows, block_m))
-    kernel[grid](rows, out, n_rows, n_cols, rows.stride(0), out.stride(0),
-                 BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=n_cols <= block_n,
-                 ALIGN=_alignment(rows.element_size(), n_cols, rows.stride(0), out.stride(0)))
+    kernel[launch_grid(t.programs)](
+        rows, out, n_rows, n_cols, rows.stride(0), out.stride(0),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, ONE_TILE=n_cols <= t.block_n,
+        ALIGN=_alignment(rows.element_size(), n_cols, rows.stride(0), out.stride(0)),
+        NUM_STAGES=t.num_stages, num_warps=t.num_warps)
     shape = x.movedim(dim, -1).shape
     return out.reshape(shape).movedim(-1, dim)
 
@@ -173,8 +187,8 @@ class _Softmax(torch.autograd.Function):
     """Forward by the online kernel; backward dx = y ⊙ (dy − Σ dy ⊙ y), in torch."""
 
     @staticmethod
-    def forward(ctx, x, dim, block_size):
-        y = _launch(softmax_online_kernel, x, dim, block_size)
+    def forward(ctx, x, dim, block_size, tiling):
+        y = _launch(softmax_online_kernel, x, dim, block_size, tiling)
         ctx.save_for_backward(y)
         ctx.dim = dim
         return y
@@ -182,16 +196,22 @@ class _Softmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return y * (dy - (dy * y).sum(ctx.dim, keepdim=True)), None, None
+        return y * (dy - (dy * y).sum(ctx.dim, keepdim=True)), None, None, None
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, block_size: int | None = None) -> torch.Tensor:
-    """Softmax along `dim` with the online normaliser; rows longer than `block_size`
-    (default: up to 4096) are swept in tiles with the running max and sum. Differentiable."""
-    return _Softmax.apply(x, dim, block_size)
+def softmax(x: torch.Tensor, dim: int = -1, *, block_size: int | None = None,
+            tiling: Tiling | None = None) -> torch.Tensor:
+    """Softmax along `dim` with the online normaliser. Rows longer than the tile (by default
+    rows over 4096 columns, in tiles of 1024; `block_size` sets the tile width) are swept with
+    the running max and sum. `tiling` replaces the heuristic's whole launch (tests, benchmarks).
+    Differentiable; without a gradient to record it skips autograd's bookkeeping, so it pays the
+    same host time per call as safe_softmax."""
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        return _Softmax.apply(x, dim, block_size, tiling)
+    return _launch(softmax_online_kernel, x, dim, block_size, tiling)
 
 
-def safe_softmax(x: torch.Tensor, dim: int = -1, *, block_size: int | None = None
-                 ) -> torch.Tensor:
-    """The three-pass safe softmax (Algorithm 2) that the paper improves on."""
-    return _launch(softmax_safe_kernel, x, dim, block_size)
+def safe_softmax(x: torch.Tensor, dim: int = -1, *, block_size: int | None = None,
+                 tiling: Tiling | None = None) -> torch.Tensor:
+    """The three-pass safe softmax (Algorithm 2) that the paper improves on; same tiling."""
+    return _launch(softmax_safe_kernel, x, dim, block_size, tiling)
