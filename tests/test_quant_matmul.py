@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels.device import INTERPRET
 from kernels.quant import quantize, quantized_matmul, quantized_matmul_reference
-from kernels.quant.matmul_triton import CONFIGS
+from kernels.quant.matmul_triton import CONFIGS, DECODE_MAX_M, MAX_SPLITS, plan
+from shared import iocount
 from shared.check import assert_close, fresh_seed, kernel_dtypes
 
 GROUPED = {"int4": (32, 64, 128), "nf4": (64,)}
@@ -35,23 +38,80 @@ def test_quantized_matmul_matches_float64(fmt, data, m, n, k_units, device):
     assert_close(out, ref, dtype=dtype, matmul=True, what=f"{fmt} g={group} {dtype} {m}x{n}")
 
 
-@pytest.mark.parametrize("name", ["decode", "prefill"])
-@pytest.mark.parametrize("fmt,group", [("int4", 64), ("nf4", 64), ("int8", None)])
-def test_both_configurations(name, fmt, group, device):
-    # both tile shapes at a size that is ragged for each (N and M not multiples of the tiles)
-    m = 5 if name == "decode" else 130
+@pytest.mark.parametrize("name", ["gemv", "decode", "prefill"])
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("nf4", 64), ("int8", None),
+                                       ("llm.int8", None)])
+def test_every_configuration(name, fmt, group, device):
+    # each tile shape at a size that is ragged for it (N and M not multiples of the tiles);
+    # gemv at M = 2: two rows in one tile
+    m = {"gemv": 2, "decode": 5, "prefill": 130}[name]
     x, qw = _case(fmt, group, m, 131, 3 if group else 70, torch.float16, device, fresh_seed())
     out = quantized_matmul(x, qw, config=CONFIGS[name])
     assert_close(out, quantized_matmul_reference(x.double(), qw), dtype=torch.float16,
-                 matmul=True)
+                 matmul=True, what=f"{name} {fmt}")
 
 
-def test_nf4_without_double_quant(device):
+@pytest.mark.parametrize("name", ["gemv", "decode", "prefill"])
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("nf4", 64), ("int8", None),
+                                       ("llm.int8", None)])
+def test_split_k_matches_float64(name, fmt, group, device):
+    # K split into 2, 3 and 7 slices at small, odd sizes (8-bit K = 201: the last slice ragged;
+    # 4-bit: 5 groups, so 3 splits leave a short last one); 7 > the steps of a 4-bit weight,
+    # capped without empty splits. The partials are poisoned like the output: a slice the
+    # reduction misses, or one it reads unwritten, turns the result NaN.
+    m = {"gemv": 1, "decode": 3, "prefill": 20}[name]
+    for splits in (2, 3, 7):
+        x, qw = _case(fmt, group, m, 45, 100 if group is None else 5, torch.float16, device,
+                      fresh_seed())
+        if INTERPRET:   # the second launch ran: the partials were reduced, not bypassed
+            with iocount.count() as c:
+                out = quantized_matmul(x, qw, config=CONFIGS[name], splits=splits)
+            assert c.by_kernel["splitk_reduce_kernel"].launches == 1
+        else:
+            out = quantized_matmul(x, qw, config=CONFIGS[name], splits=splits)
+        assert_close(out, quantized_matmul_reference(x.double(), qw), dtype=torch.float16,
+                     matmul=True, what=f"{name} {fmt} splits={splits}")
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_nf4_without_double_quant(m, device):
     g = torch.Generator(device=device).manual_seed(fresh_seed())
-    w, x = torch.randn(37, 192, generator=g, device=device), torch.randn(3, 192, device=device)
+    w, x = torch.randn(37, 192, generator=g, device=device), torch.randn(m, 192, device=device)
     qw = quantize(w, "nf4", double_quant=False)
     assert_close(quantized_matmul(x, qw), quantized_matmul_reference(x.double(), qw),
                  matmul=True)
+
+
+def test_plan_fills_an_h100_at_decode_and_keeps_prefill_whole():
+    # Llama-7B's up and down projections on 132 SMs: decode splits K until the programs carry
+    # 16 warps an SM (the plan's target), every split non-empty and whole steps; prefill is
+    # one pass over K
+    for n, k in ((11008, 4096), (4096, 11008)):
+        for fmt, group in (("int4", 128), ("nf4", 64), ("int8", None)):
+            for m in (1, 2, 16):
+                p = plan(m, n, k, fmt, group, 132)
+                cfg, step = p.config, p.config.step(fmt, group)
+                assert cfg.gemv == (m <= 2) and cfg.block_m <= DECODE_MAX_M
+                tiles = (1 if cfg.gemv else triton.cdiv(m, cfg.block_m)) * triton.cdiv(
+                    n, cfg.block_n)
+                warps = tiles * p.splits * cfg.num_warps
+                assert warps >= 14 * 132 or p.splits == MAX_SPLITS, (fmt, m, n, p)
+                assert p.k_per_split % step == 0
+                assert (p.splits - 1) * p.k_per_split < k <= p.splits * p.k_per_split
+            p = plan(512, n, k, fmt, group, 132)
+            assert p.splits == 1 and p.k_per_split >= k and p.config == CONFIGS["prefill"]
+
+
+@settings(max_examples=50)
+@given(m=st.integers(1, 600), n=st.integers(1, 20000), k_steps=st.integers(1, 400),
+       sms=st.integers(1, 200), forced=st.none() | st.integers(1, 64))
+def test_plan_splits_cover_k_once(m, n, k_steps, sms, forced):
+    k = 32 * k_steps - (k_steps > 1)           # int8: any K, the last step ragged
+    p = plan(m, n, k, "int8", None, sms, splits=forced)
+    step = p.config.step("int8", None)
+    assert 1 <= p.splits <= max(MAX_SPLITS, forced or 1)
+    assert p.k_per_split % step == 0
+    assert (p.splits - 1) * p.k_per_split < k <= p.splits * p.k_per_split
 
 
 def test_llm_int8_decomposition_keeps_outliers_exact(device):
@@ -84,4 +144,9 @@ def test_bad_matmul_arguments_name_the_argument():
         quantized_matmul(torch.ones(2, 64, dtype=torch.int64), qw)
     with pytest.raises(ValueError, match="x is empty"):
         quantized_matmul(torch.randn(0, 64), qw)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="splits must be a positive int"):
+            quantized_matmul(torch.randn(2, 64), qw, splits=bad)
+    with pytest.raises(ValueError, match="the gemv config holds every row"):
+        quantized_matmul(torch.randn(17, 64), qw, config=CONFIGS["gemv"])
 

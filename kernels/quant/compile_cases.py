@@ -1,9 +1,10 @@
 """`kclub compile` cases of the quantized matmuls (shared/compile_report.py reads this file).
 
 Shapes are Llama-7B's MLP: up/gate K = 4096 -> N = 11008 and down 11008 -> 4096, at decode
-(M = 1 and a ragged 13, the decode config's 16-row tile) and prefill (M = 509: the 128-row
-tiles' ragged edge). Main cases are the 16-bit inputs the labs' `full` scale runs; fp32 (TF32 on
-a GPU) is compiled too, for one format, and may spill.
+(M = 1 and 2: the split-K gemv kernel; a ragged 13: the decode config's 16-row tile, split-K
+too) and prefill (M = 509: the 128-row tiles' ragged edge). Each decode case compiles the
+split-K reduction as well. Main cases are the 16-bit inputs the labs' `full` scale runs; fp32
+(TF32 on a GPU) is compiled too, for one format, and may spill.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ def triton_cases(add, dtypes) -> None:
     chosen = {"fp16": CASE_FORMATS, "bf16": CASE_FORMATS[2:4], "fp32": CASE_FORMATS[2:3]}
     for dt, formats in chosen.items():
         for fmt, _ in formats:
-            for m in (13, 509):     # decode config (16-row tile, ragged), prefill (ragged)
+            for m in (1, 13, 509):     # gemv, decode (16-row tile, ragged), prefill (ragged)
                 add(FAMILY, f"quantized_matmul {fmt} M={m} 4096→11008", dt, dt != "fp32",
                     run(fmt, m, 11008, 4096, dt))
-    add(FAMILY, "quantized_matmul int4 M=1 4096→11008", "fp16", True,   # M = 1 specialises
-        run("int4", 1, 11008, 4096, "fp16"))
-    add(FAMILY, "quantized_matmul int4 M=13 11008→4096 (down)", "fp16", True,
-        run("int4", 13, 4096, 11008, "fp16"))
+    add(FAMILY, "quantized_matmul int4 M=2 4096→11008", "fp16", True,   # gemv, 2-row tile
+        run("int4", 2, 11008, 4096, "fp16"))
+    for m in (1, 13):
+        add(FAMILY, f"quantized_matmul int4 M={m} 11008→4096 (down)", "fp16", True,
+            run("int4", m, 4096, 11008, "fp16"))
 
 
 def pallas_cases():
