@@ -1,7 +1,11 @@
 """Weight-only quantization: the measurements behind the lab, and `kclub bench quantization`.
 
 - Bytes of the dequant-matmul kernels: counted in Triton's interpreter (shared.iocount) against
-  an exact IO model of the launch, and the minimum DRAM traffic of y = x Wᵀ per format.
+  an exact IO model of the launches (the matmul, and the split-K reduction when K is split), and
+  the minimum DRAM traffic of y = x Wᵀ per format.
+- The decode floor: the larger of the DRAM time of those bytes and the issue time of the
+  decode kernels' instructions, counted per weight in their sm_90 SASS (dequantizing is ALU
+  work an SM issues at 128 thread-instructions a clock). Predictions, from counted work.
 - The roofline crossover: predicted time of a [M, K] × [K, N] matmul with fp16 weights and with
   each format's weights on named hardware; weight-only quantization pays while the fp16 matmul is
   memory bound and stops paying once M passes the fp16 ridge (the int4 kernel itself turns
@@ -23,7 +27,8 @@ import triton
 
 from kernels.device import INTERPRET, gpu_available
 from kernels.quant import quantize, quantized_matmul, quantized_matmul_reference
-from kernels.quant.matmul_triton import config_for
+from kernels.quant.dequant_triton import REDUCE_BLOCK_N
+from kernels.quant.matmul_triton import CONFIGS, SM_COUNT, config_for, plan
 from shared import bench, iocount, roofline
 from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 
@@ -44,36 +49,47 @@ def weight_bytes(fmt: str, k: int, n: int, group: int | None = None,
     return codes + groups + 4 * math.ceil(groups / 256) + 4
 
 
-def io_model(fmt: str, m: int, k: int, n: int, group: int | None, x_bytes: int = 2) -> int:
-    """Exact bytes the Triton launch loads and stores (what iocount sees): every N-tile program
-    rereads its x rows; every M-tile rereads the weight and its constants; NF4 gathers one 4-byte
-    table entry per weight slot of its tile, padded columns included (a 64-byte table: L1 on a
-    GPU, not DRAM; `min_traffic` leaves it out)."""
-    cfg = config_for(m)
-    tiles_m, tiles_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
-    step = cfg.block_k if group is None else min(group, cfg.block_k)
-    steps = triton.cdiv(k, step)
+def io_model(fmt: str, m: int, k: int, n: int, group: int | None, x_bytes: int = 2,
+             sms: int = SM_COUNT[0]) -> int:
+    """Exact bytes the launches load and store (what iocount sees), for the plan that
+    `quantized_matmul` makes on `sms` SMs (default: the interpreter's): every column-tile
+    program rereads its x rows; every row tile rereads the weight and its constants; NF4
+    gathers one 4-byte table entry per weight slot of its tile, padded columns included (a
+    64-byte table: L1 on a GPU, not DRAM; `min_traffic` leaves it out). Split K: each split
+    stores fp32 (llm.int8: int32) partials [M, N], the reduction reads them back, each of its
+    row programs reads the column scales (8-bit formats) and the row's scale (llm.int8)."""
+    p = plan(m, n, k, fmt, group, sms)
+    cfg, splits = p.config, p.splits
+    tiles_m = 1 if cfg.gemv else triton.cdiv(m, cfg.block_m)
+    tiles_n = triton.cdiv(n, cfg.block_n)
+    steps = triton.cdiv(k, cfg.step(fmt, group))
     xb = 1 if fmt == "llm.int8" else x_bytes
     loads = m * k * xb * tiles_n
     if fmt in ("int8", "llm.int8"):
-        loads += tiles_m * (k * n + 4 * n) + (4 * m * tiles_n if fmt == "llm.int8" else 0)
+        loads += tiles_m * k * n
+        if splits == 1:   # the epilogue's scales, per program
+            loads += 4 * n * tiles_m + (4 * m * tiles_n if fmt == "llm.int8" else 0)
+        else:             # ... per program of the reduction
+            loads += 4 * n * m + (4 * m * triton.cdiv(n, REDUCE_BLOCK_N)
+                                  if fmt == "llm.int8" else 0)
     elif fmt == "int4":
         loads += tiles_m * (k * n // 2 + steps * 3 * n)
     else:                                              # nf4 with double quantization
         table = 4 * k * cfg.block_n * tiles_n
         loads += tiles_m * (k * n // 2 + steps * (n + 4 * n + 4 * tiles_n) + table)
-    out = 4 if fmt == "llm.int8" else x_bytes
-    return loads + m * n * out
+    out = m * n * (4 if fmt == "llm.int8" else x_bytes)
+    partials = 4 * splits * m * n if splits > 1 else 0
+    return loads + out + 2 * partials
 
 
 def counted(fmt: str, m: int, k: int, n: int, group: int | None, seed: int = 0):
-    """iocount of one quantized_matmul launch (fp16 x): bytes loaded + stored."""
+    """iocount of one quantized_matmul call (fp16 x): bytes loaded + stored, launches."""
     g = torch.Generator().manual_seed(seed)
     qw = quantize(torch.randn(n, k, generator=g), fmt, group_size=group)
     x = torch.randn(m, k, generator=g).half()
     with iocount.count() as c:
         quantized_matmul(x, qw)
-    return c.by_kernel["quant_matmul_kernel"]
+    return c
 
 
 def min_traffic(fmt: str, m: int, k: int, n: int, group: int | None) -> float:
@@ -89,6 +105,37 @@ def speedup_curve(fmt: str, ms, k: int, n: int, group: int | None, hw: str) -> l
     """Predicted fp16-time / format-time per M (the dequantization's ALU work not counted)."""
     return [predicted_time("fp16", m, k, n, None, hw) / predicted_time(fmt, m, k, n, group, hw)
             for m in ms]
+
+
+# Thread-instructions per weight in the K loop of the decode kernels, counted in the sm_90
+# SASS of `kclub compile`'s Llama-7B cases (cuobjdump -sass; the loop from its label to its
+# backward branch, over the weights one thread handles in one iteration: 128 for the 4-bit
+# gemv, 64 for the 8-bit one and for the 16-row dot tile, 32 for nf4's there, g = 64). The
+# `gemv` rows are at M = 1; the `decode` rows are the 16-row tile's, whatever M ≤ 16 is.
+# Re-count them when the kernels change.
+ISSUE_PER_WEIGHT = {"gemv": {"int4": 5.4, "nf4": 7.0, "int8": 5.1, "llm.int8": 3.0},
+                    "decode": {"int4": 8.7, "nf4": 10.3, "int8": 9.0, "llm.int8": 4.1}}
+ISSUE_PER_SM_CLOCK = 128      # 4 schedulers × one warp-instruction of 32 threads
+SM_CLOCK_HZ = 1.98e9          # H100 SXM and H200 boost; the H200 ran at 1980 MHz under load
+
+
+def config_name(m: int) -> str:
+    """The name in CONFIGS of the configuration quantized_matmul runs at M = m."""
+    return next(name for name, cfg in CONFIGS.items() if cfg == config_for(m))
+
+
+def decode_floor(fmt: str, m: int, k: int, n: int, group: int | None, hw: str) -> dict:
+    """Predicted floor of quantized_matmul at decode (M ≤ 16) on `hw`: the DRAM time of
+    `min_traffic` plus the split partials (written and read back: an upper bound, they mostly
+    stay in L2) and the issue time of ISSUE_PER_WEIGHT; the larger is the prediction."""
+    row = roofline.hardware(hw)
+    p = plan(m, n, k, fmt, group, row.sms)
+    name = config_name(m)
+    moved = min_traffic(fmt, m, k, n, group) + (8.0 * p.splits * m * n if p.splits > 1 else 0)
+    dram = moved / row.mem_bw
+    issue = k * n * ISSUE_PER_WEIGHT[name][fmt] / (row.sms * ISSUE_PER_SM_CLOCK * SM_CLOCK_HZ)
+    return {"config": name, "splits": p.splits, "DRAM us": dram * 1e6, "issue us": issue * 1e6,
+            "predicted us": max(dram, issue) * 1e6}
 
 
 def crossover(fmt: str, k: int, n: int, group: int | None, hw: str) -> tuple[float, float]:
@@ -161,15 +208,19 @@ def main() -> int:
     torch's CPU peers at Llama-7B's up_proj, and on a CUDA machine our kernel against cuBLAS."""
     if INTERPRET:
         for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
-            c = counted(fmt, 5, 512, 300, group)
-            record("bytes (Triton interpreter), M=5, K=512, N=300",
-                   {"fmt": fmt, "counted": c.bytes_total, "model": io_model(fmt, 5, 512, 300,
-                                                                            group)})
+            for m in (1, 5):
+                c = counted(fmt, m, 512, 300, group)
+                record("bytes (Triton interpreter), K=512, N=300", {
+                    "fmt": fmt, "M": m, "launches": c.launches, "counted": c.bytes_total,
+                    "model": io_model(fmt, m, 512, 300, group)})
     k, n = 4096, 11008
     for fmt, group in (("int8", None), ("int4", 128), ("nf4", 64)):
         own, fp16 = crossover(fmt, k, n, group, "H100 SXM")
         record("crossover H100 (prediction)", {"fmt": fmt, "compute-bound M": own,
                                                "fp16 ridge M": fp16})
+        for m in (1, 16):
+            record("decode floor H200, [M, 4096] x [4096, 11008] (prediction)",
+                   {"fmt": fmt, "M": m, **decode_floor(fmt, m, k, n, group, "H200")})
     if gpu_available() and not INTERPRET:
         _cuda(k, n)
         return 0
@@ -207,8 +258,12 @@ def _cuda(k: int, n: int) -> None:
         for fmt, qw in weights.items():
             ours = t[fmt].median_s
             moved = min_traffic(fmt, m, k, n, qw.group_size)
+            # the floor is for the decode kernels, on a GPU with a roofline row
+            floor = decode_floor(fmt, m, k, n, qw.group_size, hw) if hw and m <= 16 else {}
             record(f"quantized_matmul vs cuBLAS fp16, CUDA, [M, {k}] x [{k}, {n}]", {
-                "fmt": fmt, "M": m, "ms": ours * 1e3, "cuBLAS ms": t["cuBLAS fp16"].median_s * 1e3,
+                "fmt": fmt, "M": m, "config": config_name(m), "splits": floor.get("splits"),
+                "us": ours * 1e6, "predicted us": floor.get("predicted us"),
+                "cuBLAS us": t["cuBLAS fp16"].median_s * 1e6,
                 "speed-up": str(bench.ratio(t["cuBLAS fp16"], t[fmt])), "tokens/s": m / ours,
                 "GB/s": moved / ours / 1e9,
                 "% of roofline": pct_of_roofline(ours, 2.0 * m * k * n, moved, hw, "fp16")})
