@@ -43,13 +43,13 @@ def nibble(packed, i: tl.constexpr):
 @triton.jit
 def int4_in_place(packed, i: tl.constexpr, zero):
     """Code i of each word minus `zero`, as fp32, in 2 ALU ops (LOP3, FADD) plus one shared
-    shift per word: the nibble is masked where it lies, at bit s = 4·(i mod 4) of the word or
-    of its upper half, and given the exponent 23 − s, under which bit s weighs 1: the float
-    is 2^(23−s) + c exactly, and subtracting 2^(23−s) + zero leaves c − zero."""
-    s: tl.constexpr = 4 * (i % 4)
+    shift per word: the nibble is masked where it lies, at bit b = 4·(i mod 4) of the word or
+    of its upper half, and given the exponent 23 − b, under which bit b weighs 1: the float
+    is 2^(23−b) + c exactly, and subtracting 2^(23−b) + zero leaves c − zero."""
     half = packed if i < 4 else packed >> 16          # bits 16+ are masked off below
-    f = ((half & (0xF << s)) | ((127 + 23 - s) << 23)).to(tl.float32, bitcast=True)
-    return f - ((1 << (23 - s)) + zero)
+    bit = 4 * (i % 4)                                 # constexpr, as i is
+    f = ((half & (0xF << bit)) | ((127 + 23 - bit) << 23)).to(tl.float32, bitcast=True)
+    return f - ((1 << (23 - bit)) + zero)
 
 
 @triton.jit
