@@ -18,16 +18,16 @@ from __future__ import annotations
 from kernels.attention._args import BlockSizes, padded_head_dim
 from kernels.device import capability
 
-# (width ≤ 64, width ≤ 128, width ≤ 256) -> config, per generation and pass.
-# The backward's dK/dV kernel holds K, V, dK, dV for its key block in registers (4 tiles of
-# block_n × head_dim, two of them fp32), which is why its tiles are the smallest.
+# (width ≤ 64, width ≤ 128, width ≤ 256) -> config, per generation and kernel. PLACEHOLDER
 _AMPERE = {  # sm_80 (A100); also the rule for sm_86/sm_89
     "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(64, 64, 8, 3), BlockSizes(64, 32, 8, 2)),
-    "backward": (BlockSizes(64, 32, 4, 3), BlockSizes(32, 64, 8, 3), BlockSizes(32, 32, 8, 3)),
+    "dkdv": (BlockSizes(64, 32, 4, 3), BlockSizes(32, 64, 8, 3), BlockSizes(32, 32, 8, 3)),
+    "dq": (BlockSizes(64, 32, 4, 3), BlockSizes(32, 64, 8, 3), BlockSizes(32, 32, 8, 3)),
 }
 _HOPPER = {  # sm_90 (H100, H200): wgmma wants 64-row warpgroup tiles; 227 KB of shared memory
     "forward": (BlockSizes(128, 64, 8, 3), BlockSizes(128, 64, 8, 3), BlockSizes(64, 32, 8, 2)),
-    "backward": (BlockSizes(128, 64, 8, 2), BlockSizes(64, 32, 8, 3), BlockSizes(32, 32, 4, 2)),
+    "dkdv": (BlockSizes(128, 64, 8, 2), BlockSizes(64, 32, 8, 3), BlockSizes(32, 32, 4, 2)),
+    "dq": (BlockSizes(128, 64, 8, 2), BlockSizes(64, 32, 8, 3), BlockSizes(32, 32, 4, 2)),
 }
 INTERPRETER = BlockSizes(64, 64)
 
@@ -39,8 +39,8 @@ def _width(head_dim: int, element_size: int) -> int:
 def default_blocks(pass_: str, head_dim: int, element_size: int) -> BlockSizes:
     """The tiles, warps and stages for `pass_` ("forward" or "backward") on the current target
     (kernels.device.target(): the GPU, or the target of an enclosing compile_only)."""
-    if pass_ not in ("forward", "backward"):
-        raise ValueError(f"pass_ must be 'forward' or 'backward', got {pass_!r}")
+    if pass_ not in _HOPPER:
+        raise ValueError(f"pass_ must be one of {sorted(_HOPPER)}, got {pass_!r}")
     cap = capability()
     if cap == 0:
         return INTERPRETER

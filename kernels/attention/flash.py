@@ -40,14 +40,15 @@ class FlashAttention(torch.autograd.Function):
         # Saved: inputs, O and L (B·H·Nq floats), never S or P (FA1 §3.1).
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.shape, ctx.causal, ctx.sm_scale = shape, causal, sm_scale
-        ctx.blocks = blocks or default_blocks("backward", shape.head_dim, size)
+        ctx.blocks = (blocks or default_blocks("dkdv", shape.head_dim, size),
+                      blocks or default_blocks("dq", shape.head_dim, size))
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = flash_backward(q, k, v, o, lse, do.contiguous(), ctx.shape, ctx.causal,
-                                    ctx.sm_scale, ctx.blocks)
+                                    ctx.sm_scale, *ctx.blocks)
         return dq, dk, dv, None, None, None, None
 
 
@@ -59,7 +60,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     q: (batch, heads, seq_q, head_dim); k, v: (batch, kv_heads, seq_k, head_dim), kv_heads
     dividing heads (MQA/GQA). head_dim 16..128; fp16/fp32 (and bf16 on a GPU). `causal` masks
     bottom-right aligned; sm_scale defaults to 1/sqrt(head_dim). `block_sizes` left out, the
-    forward and backward each take their config for this GPU (kernels/attention/configs.py).
+    forward and the two backward kernels each take their config for this GPU
+    (kernels/attention/configs.py); given, it serves all three.
     """
     shape = check_torch_inputs(q, k, v)
     causal = check_causal(causal)

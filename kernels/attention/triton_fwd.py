@@ -7,9 +7,15 @@ per query block. S and P live only in registers/SRAM, never in global memory.
 The online softmax (FA2 §3.1.1) keeps per row the running max m and the running sum l of
 exp(s − m), and an *unscaled* accumulator acc = Σ exp(s − m) v. When a new block raises the
 max to m', the old state is rescaled by exp(m − m'); the division by l happens once, at the
-end. The kernel works in base 2 (exp2 is the fast instruction on a GPU): s is pre-multiplied
-by log2(e), and the saved logsumexp L = m + log(l) (natural log) is what the backward needs
-to recompute P = exp(S − L) without a second softmax pass (FA2 §3.1.2).
+end. The kernel works in base 2 (exp2 is the fast instruction on a GPU): log2(e) is folded into
+the score scale, so a score costs one FMA (s · scale − m) and one exp2. The saved logsumexp
+L = m + log(l) (natural log) is what the backward needs to recompute P = exp(S − L) without a
+second softmax pass (FA2 §3.1.2).
+
+Key blocks come in two loops (FA2 §3.1, causal masking; Triton's fused-attention tutorial does
+the same): first the blocks every row of the query block sees whole, with no mask at all; then
+the few that need one, the causal diagonal and the ragged last block. Without the split every
+block paid a (block_m × block_n) compare-and-select and a -inf guard per row.
 """
 
 from __future__ import annotations
@@ -30,13 +36,19 @@ LOG2E_K = tl.constexpr(LOG2E)   # the same constant, usable inside kernels
 
 
 @triton.jit
-def causal_kv_end(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any row of this query block can see: blocks past it are skipped."""
+def key_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """(full_end, kv_end) for a query block: key blocks before full_end exist whole and every
+    row sees them (no mask); [full_end, kv_end) need the mask; blocks past kv_end are hidden
+    by the causal mask and skipped."""
     if CAUSAL:
         # bottom-right alignment: query i sees key j iff j <= i + (seq_k - seq_q)
-        return tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q), 0)
+        kv_end = tl.maximum(tl.minimum(seq_k, start_m + BLOCK_M + seq_k - seq_q), 0)
+        seen_by_all = tl.maximum(tl.minimum(seq_k, start_m + seq_k - seq_q + 1), 0)
     else:
-        return seq_k
+        kv_end = seq_k
+        seen_by_all = seq_k
+    return seen_by_all // BLOCK_N * BLOCK_N, kv_end
 
 
 @triton.jit
@@ -46,6 +58,34 @@ def attention_mask(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr):
     if CAUSAL:
         valid = valid & (offs_n[None, :] <= offs_m[:, None] + (seq_k - seq_q))
     return valid
+
+
+@triton.jit
+def _fwd_step(acc, l_i, m_i, q, K, V, kv_base, start_n, offs_m, offs_n, offs_d, d_ok,
+              seq_q, seq_k, head_dim, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    """One key block into the running (acc, l, m) of the query block."""
+    cols = start_n + offs_n
+    kv_ok = (cols[:, None] < seq_k) & d_ok[None, :]
+    kv_off = kv_base + cols[:, None] * head_dim + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=kv_ok, other=0.0)          # (BLOCK_N, BLOCK_D)
+    s = tl.dot(q, tl.trans(k))                               # (BLOCK_M, BLOCK_N), unscaled
+    if MASKED:
+        s = tl.where(attention_mask(offs_m, cols, seq_q, seq_k, CAUSAL), s * qk_scale,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+    else:
+        # every score is finite here, so m_new is too; scale > 0 commutes with the max
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_shift = m_new
+        p = tl.exp2(s * qk_scale - m_new[:, None])           # one FMA and one exp2 per score
+    alpha = tl.exp2(m_i - m_shift)                           # rescale of the old state
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])     # accumulate in the MMA
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -71,23 +111,14 @@ def flash_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                   # running Σ exp2(s − m)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # unscaled Σ exp2(s − m) v
-    kv_end = causal_kv_end(start_m, seq_q, seq_k, BLOCK_M, CAUSAL)
-    for start_n in range(0, kv_end, BLOCK_N):               # causal: later blocks skipped
-        cols = start_n + offs_n
-        kv_ok = (cols[:, None] < seq_k) & d_ok[None, :]
-        kv_off = kv_base + cols[:, None] * head_dim + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=kv_ok, other=0.0)     # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                # (BLOCK_M, BLOCK_N)
-        s = tl.where(attention_mask(offs_m, cols, seq_q, seq_k, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; shift it by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_shift)                      # rescale of the old state
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    full_end, kv_end = key_bounds(start_m, seq_q, seq_k, BLOCK_M, BLOCK_N, CAUSAL)
+    # Rows past seq_q need no mask: their q is 0, their scores finite, and they are not stored.
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, kv_base, start_n, offs_m, offs_n,
+                                  offs_d, d_ok, seq_q, seq_k, head_dim, qk_scale, CAUSAL, False)
+    for start_n in range(full_end, kv_end, BLOCK_N):       # diagonal and ragged edge
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, kv_base, start_n, offs_m, offs_n,
+                                  offs_d, d_ok, seq_q, seq_k, head_dim, qk_scale, CAUSAL, True)
 
     # Rows that saw no key (causal, seq_q > seq_k) output 0 and get L = +inf, so the backward's
     # exp(S − L) is 0 for them too.
