@@ -46,6 +46,11 @@ def configure() -> bool:
 
 
 INTERPRET: bool = configure()
+# TPU interpret mode runs each simulated core's program on a thread of XLA:CPU's PjRt client, and
+# a core blocked in semaphore_wait holds its thread. The pool is sized by NPROC (default: the CPU
+# count), so on 2 CPUs the mega-kernel's 4 waiting cores deadlocked. Read when JAX makes its CPU
+# client, so set before any JAX array exists; an explicit NPROC wins.
+os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 8)))
 if INTERPRET:
     # The interpreter evaluates masked-off lanes with numpy too (−inf − −inf and the like);
     # their results are discarded, but numpy warns. Silence only the interpreter's module.

@@ -46,25 +46,49 @@ def triton_cases(add, dtypes) -> None:
 
 
 def pallas_cases() -> list:
-    """The Pallas worker loop on 2 TensorCores (v4/v5p megacore) at Qwen3-8B's MLP width in
-    128-column tiles, its schedule a stand-in of the right shapes (lowering reads no values)."""
+    """The Pallas whole-step worker loop on 2 TensorCores (v4/v5p megacore) at Qwen3-8B's widths
+    (d=4096, ffn 12288, 32/8 heads of 128, 151 936-token vocabulary, bf16 weights and cache,
+    4096 positions) in 128-column tiles, two layers deep: its tables are the real graph's,
+    dealt to 2 cores (lowering reads shapes, not values). 36 layers would only lengthen the
+    tables, which sit in SMEM: ~100 K words there, more than a TensorCore's scalar memory holds
+    (the GPU kernel reads its table from global memory instead)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
-    from kernels.megakernel.persistent_pallas import TABLES, mlp_persistent_pallas
+    from kernels.megakernel.persistent_pallas import TABLES, WEIGHTS, decode_step_pallas
+    from shared.benchmarks.megakernel import QWEN3_8B
+    from shared.megakernel.graph import build_decode_graph
+    from shared.megakernel.pallas_decode import pallas_tables
+    from shared.megakernel.schedule import assign
 
     S = jax.ShapeDtypeStruct
-    B, D, F, tile, cores, tasks, signals, events = 8, 4096, 12288, 128, 2, 225, 400, 100
-    shapes = {"OP": (tasks,), "COL": (tasks,), "WAIT": (tasks,), "NEED": (tasks,),
-              "QUEUE": (cores, tasks), "QLEN": (cores,), "SIG_START": (tasks + 1,),
-              "SIG_EVENT": (signals,), "SIG_CORE": (signals,)}
+    B, L, cores, tile, seq = 8, 2, 2, 128, 4096
+    c = dataclasses.replace(QWEN3_8B, n_layers=L)
+    graph = build_decode_graph(c, B, tile=tile, seq_len=seq)
+    tables = pallas_tables(graph, assign(graph, cores))
+    hd, n_qkv, bf16 = c.head_dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, jnp.bfloat16
+    vp = -(-c.vocab_size // tile) * tile
+    weights = {"embed": (c.vocab_size, c.dim), "norms": (2 * L + 1, 1, c.dim),
+               "wqkv": (L, c.dim, n_qkv), "wo": (L, c.dim, c.dim),
+               "w_gate": (L, c.dim, c.ffn_dim), "w_up": (L, c.dim, c.ffn_dim),
+               "w_down": (L, c.ffn_dim, c.dim), "lm_head": (1, c.dim, vp), "cos": (seq, hd),
+               "sin_signed": (seq, hd)}
+    dims = {"B": B, "D": c.dim, "F": c.ffn_dim, "V": c.vocab_size, "Vp": vp, "H": c.n_heads,
+            "Hkv": c.n_kv_heads, "head_dim": hd, "group": c.n_heads // c.n_kv_heads,
+            "tile": tile, "S": seq, "sm_scale": hd ** -0.5}
 
-    def run(x, wn, wg, wu, wd, *tables):
-        return mlp_persistent_pallas(dict(zip(TABLES, tables, strict=True)), x, wn, wg, wu, wd,
-                                     cores=cores, tile=tile, eps=1e-6, n_events=events)
+    def run(*flat):
+        tabs = dict(zip(TABLES, flat[:len(TABLES)], strict=True))
+        ws = dict(zip(WEIGHTS, flat[len(TABLES):-2], strict=True))
+        k_ref, v_ref = jax.new_ref(flat[-2]), jax.new_ref(flat[-1])
+        return decode_step_pallas(tabs, ws, k_ref, v_ref, dims=dims, cores=cores,
+                                  n_events=len(graph["events"]), eps=1e-6)
 
-    args = (S((B, D), jnp.float32), S((1, D), jnp.float32), S((D, F), jnp.float32),
-            S((D, F), jnp.float32), S((F, D), jnp.float32),
-            *(S(shapes[k], jnp.int32) for k in TABLES))
-    return [(FAMILY, "mlp_persistent_pallas 2 cores D=4096 F=12288 tile 128 float32", run,
-             args)]
+    cache = S((L, B, c.n_kv_heads, seq, hd), bf16)
+    args = (*(S(tables[k].shape if k in tables else (B,), jnp.int32) for k in TABLES),
+            *(S(weights[k], jnp.float32 if k in ("cos", "sin_signed") else bf16)
+              for k in WEIGHTS), cache, cache)
+    return [(FAMILY, f"decode_step_pallas 2 cores, Qwen3-8B widths, {L} layers, B={B}, "
+             f"tile {tile}, bf16", run, args)]

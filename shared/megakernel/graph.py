@@ -195,19 +195,6 @@ def build_decode_graph(config: LlamaConfig, batch: int, *, tile: int = 64,
             "events": g.events, "tasks": g.tasks}
 
 
-def build_mlp_graph(config: LlamaConfig, batch: int, *, tile: int = 128) -> dict:
-    """The MLP half of one block alone (rmsnorm, SwiGLU tiles, down tiles, residual tiles): the
-    graph the Pallas worker loop runs (kernels/megakernel/persistent_pallas.py)."""
-    _check_sizes(config, batch, tile)
-    g = _Builder(config, batch, tile)
-    g.mlp(0, None)
-    bufs = buffers(config, batch)
-    return {"model": {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "batch": batch, "tile": tile, "seq_len": 0,
-            "buffers": {k: bufs[k] for k in ("x", "xn", "act", "down")},
-            "events": g.events, "tasks": g.tasks}
-
-
 def operators(graph: dict) -> list[list[int]]:
     """The task ids of each operator, in program order: what a kernel-per-operator runtime
     launches one kernel for (consecutive tasks of the same op, layer and output buffer)."""

@@ -10,9 +10,6 @@ the table's columns).
 
 from __future__ import annotations
 
-import functools
-
-import numpy as np
 import torch
 
 from kernels.megakernel.persistent_triton import ARGS, OPS, TASK_WIDTH, TRIGGER, WAIT0
@@ -122,42 +119,3 @@ def queue_tensors(queues: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for q in queues:
         starts.append(starts[-1] + len(q))
     return torch.tensor(flat, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32)
-
-
-PALLAS_OPS = {"rmsnorm": 0, "swiglu": 1, "matmul": 2, "add": 3}   # persistent_pallas.OPS order
-
-
-def pallas_tables(graph: dict, queues: list[list[int]]) -> dict[str, np.ndarray]:
-    """The Pallas worker loop's int32 tables (kernels/megakernel/persistent_pallas.py). TPU
-    semaphores are per core and waits decrement, so a trigger becomes one signal per consuming
-    task, sent to the core that task is queued on."""
-    tasks, tile = graph["tasks"], graph["tile"]
-    core_of = {t: c for c, q in enumerate(queues) for t in q}
-    consumers: dict[int, list[int]] = {}
-    for t in tasks:
-        if len(t["waits"]) > 1 or t["op"] not in PALLAS_OPS:
-            raise GraphError(f"task {t['id']} ({t['op']}, {len(t['waits'])} waits): the Pallas "
-                             f"loop runs {sorted(PALLAS_OPS)} tasks with at most one wait")
-        for e in t["waits"]:
-            consumers.setdefault(e, []).append(t["id"])
-    sig_start, sig_event, sig_core = [0], [], []
-    for t in tasks:
-        for e in t["triggers"]:
-            for u in consumers.get(e, []):
-                sig_event.append(e)
-                sig_core.append(core_of[u])
-        sig_start.append(len(sig_event))
-    width = max(map(len, queues))
-    queue = np.zeros((len(queues), width), np.int32)
-    for c, q in enumerate(queues):
-        queue[c, :len(q)] = q
-    i32 = functools.partial(np.asarray, dtype=np.int32)
-    return {"OP": i32([PALLAS_OPS[t["op"]] for t in tasks]),
-            "COL": i32([t["args"].get("col", 0) // tile for t in tasks]),
-            "WAIT": i32([t["waits"][0] if t["waits"] else -1 for t in tasks]),
-            "NEED": i32([graph["events"][t["waits"][0]]["need"] if t["waits"] else 0
-                         for t in tasks]),
-            "QUEUE": queue, "QLEN": i32([len(q) for q in queues]),
-            "SIG_START": i32(sig_start), "SIG_EVENT": i32(sig_event or [0]),
-            "SIG_CORE": i32(sig_core or [0])}
-
