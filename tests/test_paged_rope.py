@@ -62,6 +62,13 @@ def test_pallas_forward_and_backward(interleaved):
     assert_close(np.asarray(pull(dyj)[0]), dx_ref, tol=TOL, what="rope_pallas backward")
 
 
+def test_pallas_refuses_a_gpu_by_name(monkeypatch):
+    monkeypatch.setenv("KC_PALLAS_TARGET", "gpu")   # pltpu.roll has no Triton lowering
+    x = jnp.zeros((4, 2, 16), jnp.float32)
+    with pytest.raises(RuntimeError, match="rope_pallas is a TPU kernel"):
+        rope_pallas(x, jnp.arange(4, dtype=jnp.int32))
+
+
 def test_layouts_differ_by_a_permutation_of_the_head_dim():
     x, pos, _ = _inputs(5, 2, 16, 0)
     perm = torch.cat([torch.arange(0, 16, 2), torch.arange(1, 16, 2)])   # interleaved → half

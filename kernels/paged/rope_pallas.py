@@ -23,7 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.device import pallas_interpret
 from kernels.paged._args import rope_shape
-from kernels.tpu_lowering import compiler_params
+from kernels.tpu_lowering import compiler_params, require_tpu
 
 F32 = jnp.float32
 BLOCK_T = 64   # tokens per grid step (a multiple of 8: the sublane rule)
@@ -90,6 +90,7 @@ def rope_pallas(x, positions, *, theta: float = 10000.0, interleaved: bool = Fal
     """rope on JAX arrays: x (tokens, heads, head_dim) at positions (tokens,); differentiable
     in x (jax.grad, jax.vjp). interpret: None (interpret on a CPU), a bool or InterpretParams."""
     rope_shape(x, positions, theta, interleaved)
+    require_tpu("rope_pallas", "kernels.paged.rope_triton")   # pltpu.roll: a TPU-only op
     if x.shape[0] == 0:
         return x
     return _rope_vjp(x, positions, float(theta), interleaved,
