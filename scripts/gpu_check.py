@@ -1,8 +1,8 @@
 """`make gpu-check OUT=<dir>`: what this project measures on an NVIDIA GPU, in one run.
 
 Runs on the machine's own python3 (its torch, triton and jax) from the repository root with
-PYTHONPATH=. — no pip, no venv, no network. One global deadline (default 330 s, under the six
-minutes promised for one H100) and a budget per step, so the report is always written: partial,
+PYTHONPATH=. — no pip, no venv, no network. One global deadline (default 480 s, inside one
+10-minute device call) and a budget per step, so the report is always written: partial,
 and marked so, when a step ran out of time.
   1. environment: versions, the GPU, which optional packages are there, and the card's two
      ceilings measured (device-to-device copy GB/s, bf16 matmul TFLOP/s on random data);
@@ -43,10 +43,12 @@ KERNEL_TESTS = ["tests/test_softmax.py", "tests/test_attention.py", "tests/test_
                 "tests/test_megakernel_triton.py"]
 OPTIONAL = ["hypothesis", "transformers", "nbval", "jax", "pytest_timeout", "xdist"]
 VERSIONS = ["torch", "triton", "jax", "jaxlib", "transformers", "hypothesis", "pytest"]
-# Seconds per step, measured against nothing yet on an H100: set to fit 330 s with margin.
+# Seconds per step. On the first H200 run (docs/gpu-runs/2026-11-27-h200) 246 of the kernel
+# tests ran in 130 s on 8 workers before the budget stopped them: they get 200 s now, and the
+# whole run 480 s, which fits one 10-minute device call with the machine's start-up outside it.
 # GPU-only measurements of kernels whose labs measure on the CPU: (name, module with main())
 GPU_EXTRAS = [("megakernel-gpu", "shared.benchmarks.megakernel_gpu")]
-BUDGETS = {"tests": 130, "flash-attention": 55, "online-softmax": 25, "moe-routing": 30,
+BUDGETS = {"tests": 200, "flash-attention": 55, "online-softmax": 25, "moe-routing": 30,
            "speculative-decoding": 35, "paged-attention": 30, "pipeline-parallel": 10,
            "quantization": 35, "megakernel-gpu": 35}
 DRY_BUDGETS = {"tests": 60, "default": 25}
@@ -255,7 +257,7 @@ def bench_step(run: Run, slug: str, module: str, *, lab: bool = True) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for the report")
-    ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole run")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
     ap.add_argument("--dry-run", action="store_true", help="CPU, ci scale, small budgets")
     ap.add_argument("--labs", help="comma-separated lab slugs (default: every lab)")
     ap.add_argument("--tests", nargs="*", help="test files (default: the kernel tests)")
