@@ -37,6 +37,7 @@ import triton.language as tl
 
 from kernels import launch
 from kernels.quant.dequant_triton import (
+    code_value,
     finish,
     group_constants,
     int4_in_place,
@@ -95,7 +96,7 @@ def quant_gemv_kernel(
             part = tl.zeros((BLOCK_M, BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
             for i in tl.static_range(8):     # code i of every word: rows k0 + 8j + i
                 if FMT == 3:
-                    w = tl.load(CODE + nibble(packed, i))
+                    w = code_value(nibble(packed, i), CODE, zero, True)
                 else:
                     w = int4_in_place(packed, i, zero)
                 x = tl.load(x_step + (8 * j + i) * stride_xk, mask=m_ok, other=0)
