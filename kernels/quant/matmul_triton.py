@@ -140,6 +140,7 @@ def split_plan(cfg: Config, m: int, n: int, k: int, step: int, sms: int,
     return triton.cdiv(steps, per), per * step
 
 
+@functools.lru_cache(maxsize=1024)   # pure; a decode step asks the same few shapes each token
 def plan(m: int, n: int, k: int, fmt: str, group: int | None, sms: int, *,
          config: Config | None = None, splits: int | None = None) -> Plan:
     """The configuration and K split for an [m, k] × [k, n] product of `fmt` weights."""
