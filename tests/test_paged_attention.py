@@ -1,7 +1,8 @@
 """Paged decode attention (Triton, split-K, GQA packing) against the float64 reference that
 gathers K/V token by token: a hand-computed case, then random block tables from a large pool,
 ragged lengths (0, 1, 3, block_size ± 1, 513), GQA ratios 1/4/8 and MQA, head_dim 64/128/80,
-and every cache slot the sequences do not own poisoned with NaN."""
+block sizes 1, 5, 16 and 128 with random odd lengths, and every cache slot the sequences do not
+own poisoned with NaN (outputs are poisoned too: kernels.device.POISON)."""
 
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from kernels.paged import paged_attention, paged_attention_reference
-from kernels.paged.paged_attention_triton import default_splits
+from kernels.paged.paged_attention_triton import default_splits, tiles
 from kernels.paged.reference import random_paged_inputs
 from shared.check import assert_close, fresh_seed, kernel_device, kernel_dtypes, tolerance
 
@@ -79,12 +80,39 @@ def test_splits_agree_and_more_splits_than_tokens():
                      matmul=True, what=f"{splits} splits")
 
 
+@pytest.mark.parametrize("block_size", [1, 5, 128])
+def test_block_sizes_and_random_lengths(block_size):
+    """Block sizes that are not 16: one token per block, an odd size (tiles straddle blocks,
+    `t // 5` is no shift), and blocks longer than a tile (several tiles per block). Random odd
+    lengths, so splits end mid-tile and mid-block, and the prefetched tile past a split's end is
+    masked; every split count from one (no merge) to more than the tiles."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    lengths = [2 * int(n) + 1 for n in torch.randint(0, 160, (3,), generator=g)]
+    inputs = random_paged_inputs(lengths, 8, 2, 64, torch.float16, block_size=block_size,
+                                 pool=3 * -(-max(lengths) // block_size) + 5, seed=seed,
+                                 device=DEVICE)
+    ref = reference64(*inputs)
+    for splits in (1, 3, None):
+        assert_close(paged_attention(*inputs, num_splits=splits), ref, dtype=torch.float16,
+                     matmul=True, what=f"block {block_size}, lengths {lengths}, splits {splits}")
+
+
 def test_split_heuristic_fills_the_machine_but_not_with_tiny_splits():
     h100 = 132
-    assert default_splits(1, 8, 32_768, h100) == 17   # batch 1, long context: 136 programs
+    assert default_splits(1, 8, 32_768, h100) == 33   # batch 1, long context: 2 programs per SM
+    assert default_splits(4, 8, 32_768, h100) == 9    # 288 programs
     assert default_splits(1, 8, 1024, h100) == 4      # no split under 256 tokens
     assert default_splits(1, 8, 256, h100) == 1
     assert default_splits(64, 8, 32_768, h100) == 1   # 512 programs already
+
+
+def test_tiles_keep_one_k_tile_near_16_kb():
+    assert tiles(4, 128, 2) == (16, 64, 128)    # Llama-3-8B in fp16: 64 keys × 128 × 2 B
+    assert tiles(4, 128, 4) == (16, 32, 128)    # fp32 halves the keys
+    assert tiles(1, 80, 2) == (16, 64, 128)     # head_dim padded; one head still fills M = 16
+    assert tiles(32, 256, 2) == (32, 32, 256)
+    assert tiles(8, 16, 4) == (16, 64, 16)      # at most 64 keys
 
 
 def _bad(**change):

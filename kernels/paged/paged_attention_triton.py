@@ -7,6 +7,7 @@ whole long context alone (Flash-Decoding's motivation). Split-K cuts each sequen
 
 - Stage 1 (`paged_attention_split_kernel`), one program per (sequence, KV head, split): the
   online softmax over its chunk gives a partial (acc, m, l) per query head, with acc unscaled.
+  With one split there is nothing to merge: the program writes the normalised output itself.
 - Stage 2 (`paged_attention_merge_kernel`), one program per (sequence, query head): the partials
   merge by log-sum-exp, M = max_s m_s, o = Σ_s 2^(m_s − M) acc_s / Σ_s 2^(m_s − M) l_s.
 
@@ -15,8 +16,18 @@ GQA packing: the `group` query heads that share a KV head are the M rows of one 
 head: K/V traffic per query head drops by the group size (4 for Llama-3-8B: 32 / 8).
 
 Paging: a tile of BLOCK_N tokens may span several cache blocks; each token's address is
-block_tables[b, t // block_size] · block_size + t % block_size, so any block_size works. Tokens
-at or past seq_len are masked on load, so the kernel never reads them (the tests poison them).
+block_tables[b, t // block_size] · block_size + t % block_size (block_size a constexpr, so a
+power of two is a shift). Tokens at or past seq_len are masked on load, so the kernel never
+reads them (the tests poison them).
+
+Latency: the address of a tile's K/V depends on a load (its block-table entries), and Triton's
+software pipeliner then keeps one K/V buffer (num_stages 2-4: `ttg.local_alloc 1x64x128` and a
+wait for every copy at the top of the loop), so each tile cost a table round trip, then a K/V
+round trip, then the compute, one after another: 1.9 µs per 64-token tile on the H200 (972 µs
+for 512 tiles at one split). So the loop prefetches by hand and runs unpipelined (num_stages=1):
+while tile i is computed, tile i+1's K/V loads are in flight (their rows were read one tile
+earlier) and tile i+2's table entries are too. No load waits inside the loop except for data
+issued a whole tile of work earlier.
 """
 
 from __future__ import annotations
@@ -36,16 +47,42 @@ LOG2E = math.log2(math.e)
 # SMs per target, for the split heuristic; the interpreter runs programs one after another, so
 # there the "machine" is taken as 8 programs wide: a few splits, each cheap to test.
 SM_COUNT = {0: 8, 80: 108, 90: 132}
-MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, partial store) dominates
+# Stage-1 programs wanted per SM: two resident programs interleave one's compute with the
+# other's loads, and keep 2 × 32 KB of K/V in flight per SM (fp16, d = 128), what Little's law
+# asks of an H200 (4.8 TB/s × ~1 µs loaded latency / 132 SMs ≈ 36 KB). Registers and shared
+# memory allow it: `kclub compile` reports the occupancy.
+PROGRAMS_PER_SM = 2
+MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, two-tile prologue) dominates
 MAX_SPLITS = 64
+TILE_BYTES = 16 * 1024   # one K tile (BLOCK_N × BLOCK_D elements); V's is the same again
+
+
+@triton.jit
+def _blocks_of(TABLES, b, max_blocks, t0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Physical cache blocks of tokens t0 .. t0 + BLOCK_N − 1 of sequence b (0 past `end`: only
+    tokens before it read their table entry)."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    return tl.load(TABLES + offset(b, max_blocks) + tok // BLOCK_SIZE, mask=tok < end, other=0)
+
+
+@triton.jit
+def _load_tile(C, phys, t0, end, hk, s_kb, s_kt, s_kh, offs_d, d_ok,
+               BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K or V of tokens t0 .. t0 + BLOCK_N − 1 for KV head hk, from their blocks `phys`;
+    zeros past `end`, where nothing is read."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    row = offset(phys, s_kb) + (tok % BLOCK_SIZE) * s_kt + hk * s_kh
+    return tl.load(C + row[:, None] + offs_d[None, :], mask=(tok < end)[:, None] & d_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit
 def paged_attention_split_kernel(
-    Q, KC, VC, TABLES, LENS, ACC, M, L,   # q (B, Hq, D); caches (NB, BS, Hkv, D); partials
-    num_splits, kv_heads, group, head_dim, block_size, max_blocks, qk_scale,
+    Q, KC, VC, TABLES, LENS, ACC, M, L, O,   # q (B, Hq, D); caches (NB, BS, Hkv, D); partials
+    num_splits, kv_heads, group, head_dim, max_blocks, qk_scale,
     s_kb, s_kt, s_kh,                      # cache strides: block, slot, head (head_dim is 1)
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DIRECT: tl.constexpr,
 ):
     split, bh = split_program_id(num_splits)          # bh = b · kv_heads + kv head
     b = bh // kv_heads
@@ -66,33 +103,45 @@ def paged_attention_split_kernel(
     q = tl.load(Q + offset(q_rows, head_dim)[:, None] + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)   # (BLOCK_G, BLOCK_D), once
 
+    # Prologue: tile 0's K/V in flight, tile 1's blocks read.
+    phys = _blocks_of(TABLES, b, max_blocks, start, end, BLOCK_SIZE, BLOCK_N)
+    k = _load_tile(KC, phys, start, end, hk, s_kb, s_kt, s_kh, offs_d, d_ok, BLOCK_SIZE, BLOCK_N)
+    v = _load_tile(VC, phys, start, end, hk, s_kb, s_kt, s_kh, offs_d, d_ok, BLOCK_SIZE, BLOCK_N)
+    phys = _blocks_of(TABLES, b, max_blocks, start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
+
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for t0 in range(start, end, BLOCK_N):
-        tok = t0 + offs_n
-        t_ok = tok < end
-        # the block table: logical block t // block_size -> physical block
-        phys = tl.load(TABLES + offset(b, max_blocks) + tok // block_size, mask=t_ok, other=0)
-        row = offset(phys, s_kb) + (tok % block_size) * s_kt + hk * s_kh   # (BLOCK_N,)
-        kv_ok = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(KC + row[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
+        # Issue the next tile's K/V (its blocks were read one tile ago) and the blocks of the
+        # one after before any use of this tile, so their latency hides behind this tile's work.
+        k_next = _load_tile(KC, phys, t0 + BLOCK_N, end, hk, s_kb, s_kt, s_kh, offs_d, d_ok,
+                            BLOCK_SIZE, BLOCK_N)
+        v_next = _load_tile(VC, phys, t0 + BLOCK_N, end, hk, s_kb, s_kt, s_kh, offs_d, d_ok,
+                            BLOCK_SIZE, BLOCK_N)
+        phys = _blocks_of(TABLES, b, max_blocks, t0 + 2 * BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
+
+        t_ok = (t0 + offs_n) < end
         s = tl.dot(q, tl.trans(k)) * qk_scale          # (BLOCK_G, BLOCK_N), base 2
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)                   # m_new is finite: t_ok has a true lane
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VC + row[:, None] + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+        k, v = k_next, v_next
 
-    # Partials (B · Hq, num_splits, ...): an empty split stores m = −inf, l = 0, acc = 0.
-    part = offset(q_rows, num_splits) + split
-    tl.store(ACC + offset(part, head_dim)[:, None] + offs_d[None, :], acc,
-             mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(M + part, m_i, mask=g_ok)
-    tl.store(L + part, l_i, mask=g_ok)
+    out_ok = g_ok[:, None] & d_ok[None, :]
+    if DIRECT:   # one split: normalise here; a length-0 sequence (l = 0) gives zeros
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + offset(q_rows, head_dim)[:, None] + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=out_ok)
+    else:        # partials (B · Hq, splits, ...); an empty split: m = −inf, l = 0, acc = 0
+        part = offset(q_rows, num_splits) + split
+        tl.store(ACC + offset(part, head_dim)[:, None] + offs_d[None, :], acc, mask=out_ok)
+        tl.store(M + part, m_i, mask=g_ok)
+        tl.store(L + part, l_i, mask=g_ok)
 
 
 @triton.jit
@@ -119,20 +168,23 @@ def paged_attention_merge_kernel(
 
 
 def default_splits(batch: int, kv_heads: int, max_len: int, sms: int | None = None) -> int:
-    """Enough (sequence, KV head, split) programs to fill `sms` SMs (default: the target's) once,
-    but no split shorter than MIN_SPLIT_TOKENS. max_len is the block table's reach, so the
-    choice needs no host sync."""
+    """Enough (sequence, KV head, split) programs for PROGRAMS_PER_SM on each of `sms` SMs
+    (default: the target's), all resident at once, but no split shorter than MIN_SPLIT_TOKENS.
+    max_len is the block table's reach, so the choice needs no host sync."""
     programs = batch * kv_heads
     sms = sms or SM_COUNT.get(capability(), SM_COUNT[90])
-    by_sms = -(-sms // programs)
+    by_sms = -(-PROGRAMS_PER_SM * sms // programs)
     by_length = max(1, max_len // MIN_SPLIT_TOKENS)
     return max(1, min(by_sms, by_length, MAX_SPLITS))
 
 
-def _blocks(group: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_G, BLOCK_N, BLOCK_D): group rows padded to tl.dot's 16; 64 keys per tile."""
+def tiles(group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_G, BLOCK_N, BLOCK_D): group rows padded to tl.dot's 16; as many keys per tile as
+    keep one K tile at TILE_BYTES (64 in fp16 at d ≤ 128), 16 to 64."""
     block_g = max(16, triton.next_power_of_2(group))
-    return block_g, 64, max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_n = max(16, min(64, TILE_BYTES // (block_d * element_size)))
+    return block_g, block_n, block_d
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale=None,
@@ -160,20 +212,25 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, *, sm_scale=Non
     splits = num_splits or default_splits(shape.batch, shape.kv_heads, shape.max_len)
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
 
-    rows = shape.batch * shape.heads
-    acc = new_output((rows, splits, shape.head_dim), torch.float32, q.device)
-    m = new_output((rows, splits), torch.float32, q.device)
-    l_ = new_output((rows, splits), torch.float32, q.device)
-    block_g, block_n, block_d = _blocks(shape.group, shape.head_dim)
-    paged_attention_split_kernel[flat_grid(splits, shape.batch * shape.kv_heads)](
-        q, k_cache, v_cache, tables, lens, acc, m, l_,
-        splits, shape.kv_heads, shape.group, shape.head_dim, shape.block_size,
-        shape.max_blocks, scale * LOG2E, *k_cache.stride()[:3],
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2,
-    )
     out = new_output(q.shape, q.dtype, q.device)
-    paged_attention_merge_kernel[(rows,)](
-        acc, m, l_, out, splits, shape.head_dim,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+    if splits == 1:   # the stage-1 program writes `out`; the partials are not used
+        acc = m = l_ = out
+    else:
+        rows = shape.batch * shape.heads
+        acc = new_output((rows, splits, shape.head_dim), torch.float32, q.device)
+        m = new_output((rows, splits), torch.float32, q.device)
+        l_ = new_output((rows, splits), torch.float32, q.device)
+    block_g, block_n, block_d = tiles(shape.group, shape.head_dim, q.element_size())
+    paged_attention_split_kernel[flat_grid(splits, shape.batch * shape.kv_heads)](
+        q, k_cache, v_cache, tables, lens, acc, m, l_, out,
+        splits, shape.kv_heads, shape.group, shape.head_dim, shape.max_blocks,
+        scale * LOG2E, *k_cache.stride()[:3],
+        BLOCK_SIZE=shape.block_size, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        DIRECT=splits == 1, num_warps=4, num_stages=1,
     )
+    if splits > 1:
+        paged_attention_merge_kernel[(shape.batch * shape.heads,)](
+            acc, m, l_, out, splits, shape.head_dim,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=4,
+        )
     return out
