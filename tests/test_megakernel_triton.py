@@ -87,6 +87,11 @@ def test_bad_inputs(device):
         MegakernelDecoder(model, 1, tile=48)
     with pytest.raises(TypeError, match="model"):
         MegakernelDecoder(object(), 1)
+    # ffn_dim 90: the down projection's K breaks the 16-byte weight alignment the kernel assumes
+    odd = Llama(LlamaConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                            ffn_dim=90, max_seq_len=8))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        MegakernelDecoder(odd.to(device), 1)
     dec = MegakernelDecoder(model, 2, max_len=4)
     with pytest.raises(ValueError, match="tokens"):
         dec.step(torch.tensor([1, 2, 3], device=device))

@@ -14,7 +14,7 @@ FAMILY = "megakernel"
 def _persistent(dtype, head_dim: int, group: int):
     import torch
 
-    from kernels.megakernel.persistent_triton import TASK_WIDTH, launch
+    from kernels.megakernel.persistent_triton import TASK_WIDTH, gpu_blocks, launch
 
     def run():
         n = 8
@@ -28,8 +28,7 @@ def _persistent(dtype, head_dim: int, group: int):
                  "OUT": torch.zeros(16, dtype=torch.int64),
                  "POS": torch.zeros(16, dtype=torch.int64), "batch": 7, "head_dim": head_dim,
                  "eps": 1e-6, "sm_scale": head_dim ** -0.5}
-        blocks = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_G": max(16, group), "BLOCK_S": 32,
-                  "BLOCK_D": max(16, head_dim)}
+        blocks = gpu_blocks(dtype, head_dim, group)   # what MegakernelDecoder picks on a GPU
         launch(tables, state, queue=torch.arange(n, dtype=torch.int32),
                qstart=torch.tensor([0, n // 2, n], dtype=torch.int32), epoch=3,
                max_spins=10_000_000, blocks=blocks)

@@ -65,8 +65,9 @@ def megakernel_decode_kernel(
     TASKS, QUEUE, QSTART, EVENTS, ERR,          # the schedule and its counters
     WS, W, KC, VC, COS, SIN, TOK, OUT, POS,     # workspace, weights, caches, tokens
     epoch, max_spins, batch, head_dim, eps, sm_scale,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    MM_STAGES: tl.constexpr, KV_STAGES: tl.constexpr,
 ):
     worker = tl.program_id(0)
     i = tl.load(QSTART + worker)
@@ -80,22 +81,22 @@ def megakernel_decode_kernel(
             op = tl.load(rec)
             a = rec + ARGS
             if op == 1:
-                embed_task(WS, W, TOK, a, batch, BLOCK_B, BLOCK_K)
+                embed_task(WS, W, TOK, a, batch, BLOCK_B, BLOCK_R)
             elif op == 2:
-                rmsnorm_task(WS, W, a, batch, eps, BLOCK_B, BLOCK_K)
+                rmsnorm_task(WS, W, a, batch, eps, BLOCK_B, BLOCK_R)
             elif op == 3:
-                matmul_task(WS, W, a, batch, False, BLOCK_B, BLOCK_N, BLOCK_K)
+                matmul_task(WS, W, a, batch, False, BLOCK_B, BLOCK_N, BLOCK_K, MM_STAGES)
             elif op == 4:
-                matmul_task(WS, W, a, batch, True, BLOCK_B, BLOCK_N, BLOCK_K)
+                matmul_task(WS, W, a, batch, True, BLOCK_B, BLOCK_N, BLOCK_K, MM_STAGES)
             elif op == 5:
                 rope_task(WS, KC, VC, COS, SIN, POS, a, head_dim, BLOCK_G, BLOCK_D)
             elif op == 6:
                 attention_task(WS, KC, VC, POS, a, head_dim, sm_scale, BLOCK_G, BLOCK_S,
-                               BLOCK_D)
+                               BLOCK_D, KV_STAGES)
             elif op == 7:
                 add_task(WS, a, batch, BLOCK_B, BLOCK_N)
             elif op == 8:
-                argmax_task(WS, OUT, a, batch, BLOCK_B, BLOCK_N)
+                argmax_task(WS, OUT, a, batch, BLOCK_B, BLOCK_R)
             tl.debug_barrier()   # every warp's stores issued before the release below
             trig = tl.load(rec + TRIGGER)
             if trig >= 0:
@@ -106,16 +107,31 @@ def megakernel_decode_kernel(
             i = end
 
 
+def gpu_blocks(dtype: torch.dtype, head_dim: int, group: int, tile: int = 64) -> dict:
+    """The constexprs a GPU run uses (`kclub compile --family megakernel` builds exactly these:
+    16-bit, no spills on sm_80/sm_90, ~215 registers, 96 KB of shared memory). Weights:
+    [128, 64] 16-bit tiles (16 KB), 5 stages, so 4 tiles, 64 KB, are in flight per SM
+    (tasks_triton's docstring does the Little's-law sum); [256, 64] at 3 stages spilled. fp32
+    weights take 64-deep tiles, the same bytes a stage. K/V: 32 keys a tile (64 spilled at
+    d = 128), 4 stages. Row-wise ops: 512 columns (16 × 512 fp32 is 32 registers a thread)."""
+    return {"BLOCK_N": tile, "BLOCK_K": 128 if dtype.itemsize == 2 else 64, "BLOCK_R": 512,
+            "BLOCK_G": _pow2(group), "BLOCK_S": 32, "BLOCK_D": _pow2(head_dim),
+            "MM_STAGES": 5, "KV_STAGES": 4}
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (n - 1).bit_length())
+
+
 def launch(tables: dict, state: dict, *, queue: torch.Tensor, qstart: torch.Tensor,
            epoch: int, max_spins: int, blocks: dict) -> None:
     """One launch over len(qstart) − 1 workers. `tables`: TASKS, EVENTS, ERR (schedule.py);
-    `state`: WS, W, KC, VC, COS, SIN, TOK, OUT, POS and batch, head_dim, eps, sm_scale."""
+    `state`: WS, W, KC, VC, COS, SIN, TOK, OUT, POS and batch, head_dim, eps, sm_scale;
+    `blocks`: gpu_blocks' keys."""
     workers = qstart.numel() - 1
     s = state
     megakernel_decode_kernel[(workers,)](
         tables["TASKS"], queue, qstart, tables["EVENTS"], tables["ERR"],
         s["WS"], s["W"], s["KC"], s["VC"], s["COS"], s["SIN"], s["TOK"], s["OUT"], s["POS"],
         epoch, max_spins, s["batch"], s["head_dim"], s["eps"], s["sm_scale"],
-        BLOCK_B=BLOCK_B, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-        BLOCK_G=blocks["BLOCK_G"], BLOCK_S=blocks["BLOCK_S"], BLOCK_D=blocks["BLOCK_D"],
-        num_warps=8, num_stages=2)   # no spills on sm_80/sm_90 (kclub compile)
+        BLOCK_B=BLOCK_B, **blocks, num_warps=8, num_stages=2)

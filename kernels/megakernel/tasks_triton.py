@@ -4,7 +4,17 @@ Every task works on all B ≤ BLOCK_B sequences at once (decode has one token pe
 float32 activations from the workspace WS, weights in their own dtype (fp32 or fp16), and writes
 float32. Offsets arrive as int64 from the task table (kernels/megakernel/persistent_triton.py).
 Matmul tiles are `tl.dot`s of [BLOCK_B, BLOCK_K] × [BLOCK_K, BLOCK_N] with the batch padded to
-16 rows (tl.dot's minimum), as MPK pads decode batches to its MMA tiles.
+16 rows (tl.dot's minimum), as MPK pads decode batches to its MMA tiles: masked rows cost MMA
+issue slots, never bytes.
+
+At decode a task is a weight stream, so what sets its speed is the bytes it keeps in flight
+(Little's law). One SM's share of an H200's ~4.2 TB/s at ~1 µs load latency is ~32 KB in flight.
+The streaming loops are `tl.range(..., num_stages=STAGES)`: Triton's pipeliner keeps STAGES − 1
+tiles of cp.async loads outstanding while the MMA eats the oldest. A 64 × 256 fp16 weight tile
+is 32 KB, so 2 in flight is 64 KB (the 64 × 64 tile of two stages it replaces was 8 KB: a
+quarter of Little's law at 1 µs, an eighth under load). A SwiGLU task streams gate and up
+in one loop (one pipeline fill, x read once). Row-wise bodies (embed, RMSNorm, argmax) walk
+BLOCK_R columns per step: at 64 the vocab-wide argmax was 2 374 dependent steps.
 """
 
 from __future__ import annotations
@@ -14,34 +24,36 @@ import triton.language as tl
 
 
 @triton.jit
-def embed_task(WS, W, TOK, a, batch, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+def embed_task(WS, W, TOK, a, batch, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """x[b, :] = E[token[b], :]; a = (E offset, x offset, dim)."""
     w_off, dst, dim = tl.load(a), tl.load(a + 1), tl.load(a + 2)
     rows = tl.arange(0, BLOCK_B)
     r_ok = rows < batch
     tok = tl.load(TOK + rows, mask=r_ok, other=0).to(tl.int64)
-    for k0 in range(0, dim, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, dim, BLOCK_R):
+        cols = k0 + tl.arange(0, BLOCK_R)
         m = r_ok[:, None] & (cols < dim)[None, :]
         e = tl.load(W + w_off + tok[:, None] * dim + cols[None, :], mask=m, other=0.0)
         tl.store(WS + dst + rows[:, None] * dim + cols[None, :], e.to(tl.float32), mask=m)
 
 
 @triton.jit
-def rmsnorm_task(WS, W, a, batch, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dst = src / sqrt(mean(src²) + eps) · w, rows of `dim`; a = (src, w, dst, dim)."""
+def rmsnorm_task(WS, W, a, batch, eps, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dst = src / sqrt(mean(src²) + eps) · w, rows of `dim`; a = (src, w, dst, dim). Two
+    passes: a row of the Qwen3-8B width does not fit the registers left beside the matmul's,
+    and the second pass re-reads it from L2 (it was written a moment ago), dim / BLOCK_R steps."""
     src, w_off, dst, dim = tl.load(a), tl.load(a + 1), tl.load(a + 2), tl.load(a + 3)
     rows = tl.arange(0, BLOCK_B)
     r_ok = rows < batch
     ss = tl.zeros([BLOCK_B], tl.float32)
-    for k0 in range(0, dim, BLOCK_K):   # pass 1: Σ x² per row
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, dim, BLOCK_R):   # pass 1: Σ x² per row
+        cols = k0 + tl.arange(0, BLOCK_R)
         m = r_ok[:, None] & (cols < dim)[None, :]
         x = tl.load(WS + src + rows[:, None] * dim + cols[None, :], mask=m, other=0.0)
         ss += tl.sum(x * x, 1)
     inv = 1.0 / tl.sqrt(ss / dim + eps)
-    for k0 in range(0, dim, BLOCK_K):   # pass 2: scale (the row is re-read, not kept)
-        cols = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, dim, BLOCK_R):   # pass 2: scale
+        cols = k0 + tl.arange(0, BLOCK_R)
         m = r_ok[:, None] & (cols < dim)[None, :]
         x = tl.load(WS + src + rows[:, None] * dim + cols[None, :], mask=m, other=0.0)
         w = tl.load(W + w_off + cols, mask=cols < dim, other=0.0).to(tl.float32)
@@ -50,37 +62,53 @@ def rmsnorm_task(WS, W, a, batch, eps, BLOCK_B: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _tile_dot(WS, W, src, src_stride, k_dim, w_off, width, batch,
-              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """src[:B, :K] @ W[w_off : w_off + width·K].view(width, K).T -> [BLOCK_B, BLOCK_N] fp32."""
+def _tile_dot(WS, W, src, src_stride, k_dim, w_off, w2_off, width, batch, TWO: tl.constexpr,
+              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              STAGES: tl.constexpr):
+    """src[:B, :K] @ W[w_off : w_off + width·K].view(width, K).T -> [BLOCK_B, BLOCK_N] fp32,
+    and the same product with the tile at w2_off when TWO (gate and up in one stream)."""
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_N)
     r_ok, n_ok = rows < batch, cols < width
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
+    acc2 = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=STAGES):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_dim
         x = tl.load(WS + src + rows[:, None] * src_stride + ks[None, :],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W + w_off + cols[:, None] * k_dim + ks[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
-    return acc
+        # Wᵀ's [BLOCK_K, BLOCK_N] tile addressed directly (K contiguous): loaded as W's tile
+        # and tl.trans'ed, the load went to registers and the pipeliner left it synchronous.
+        w_at = ks[:, None] + cols[None, :] * k_dim
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        w = tl.load(W + w_off + w_at, mask=w_ok, other=0.0)
+        x = x.to(w.dtype)
+        acc = tl.dot(x, w, acc)
+        if TWO:
+            w2 = tl.load(W + w2_off + w_at, mask=w_ok, other=0.0)
+            acc2 = tl.dot(x, w2, acc2)
+    return acc, acc2
 
 
 @triton.jit
-def matmul_task(WS, W, a, batch, SWIGLU: tl.constexpr,
-                BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def matmul_task(WS, W, a, batch, SWIGLU: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     """dst[:, :width] = src @ W_tile.T, or silu(src @ Wg.T) · (src @ Wu.T) when SWIGLU;
-    a = (src, src_stride, K, w, dst, dst_stride, width, w_up)."""
-    src, src_stride, k_dim = tl.load(a), tl.load(a + 1), tl.load(a + 2)
-    w_off, dst, dst_stride, width = tl.load(a + 3), tl.load(a + 4), tl.load(a + 5), tl.load(a + 6)
-    acc = _tile_dot(WS, W, src, src_stride, k_dim, w_off, width, batch, BLOCK_B, BLOCK_N,
-                    BLOCK_K)
+    a = (src, src_stride, K, w, dst, dst_stride, width, w_up). SwiGLU streams two tiles per
+    step, so it steps BLOCK_K / 2: the same bytes per stage, the same shared memory."""
+    # Alignment the runtime checks (runtime.check_alignment): without it every 16-bit weight
+    # load is a 2-byte scalar load and cp.async (4 bytes or more) cannot stage it.
+    src, src_stride = tl.multiple_of(tl.load(a), 4), tl.multiple_of(tl.load(a + 1), 4)
+    k_dim, w_off = tl.multiple_of(tl.load(a + 2), 8), tl.multiple_of(tl.load(a + 3), 8)
+    dst, dst_stride, width = tl.load(a + 4), tl.load(a + 5), tl.load(a + 6)
     if SWIGLU:
-        up = _tile_dot(WS, W, src, src_stride, k_dim, tl.load(a + 7), width, batch, BLOCK_B,
-                       BLOCK_N, BLOCK_K)
-        acc = acc / (1.0 + tl.exp(-acc)) * up
+        w_up = tl.multiple_of(tl.load(a + 7), 8)
+        gate, up = _tile_dot(WS, W, src, src_stride, k_dim, w_off, w_up, width, batch,
+                             True, BLOCK_B, BLOCK_N, BLOCK_K // 2, STAGES)
+        acc = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        acc, _ = _tile_dot(WS, W, src, src_stride, k_dim, w_off, w_off, width, batch, False,
+                           BLOCK_B, BLOCK_N, BLOCK_K, STAGES)
     rows = tl.arange(0, BLOCK_B)
     cols = tl.arange(0, BLOCK_N)
     tl.store(WS + dst + rows[:, None] * dst_stride + cols[None, :], acc,
@@ -122,12 +150,14 @@ def rope_task(WS, KC, VC, COS, SIN, POS, a, head_dim,
 
 
 @triton.jit
-def attention_task(WS, KC, VC, POS, a, head_dim, sm_scale,
-                   BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def attention_task(WS, KC, VC, POS, a, head_dim, sm_scale, BLOCK_G: tl.constexpr,
+                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     """One KV head's query group over keys 0..pos (online softmax, base 2); a = (q, group,
-    cache offset, dst, b). The group's heads are the rows of one tl.dot (GQA packing)."""
-    q_off, group, c_off, dst, b = (tl.load(a), tl.load(a + 1), tl.load(a + 2), tl.load(a + 3),
-                                   tl.load(a + 4))
+    cache offset, dst, b). The group's heads are the rows of one tl.dot (GQA packing). The
+    key loop keeps STAGES − 1 K and V tiles in flight (at d = 128 and 32 keys, 16 KB a stage):
+    one task streams a whole (sequence, KV head) cache, 256 KB at 512 keys, 2 MB at 4k."""
+    q_off, group, dst, b = tl.load(a), tl.load(a + 1), tl.load(a + 3), tl.load(a + 4)
+    c_off = tl.multiple_of(tl.load(a + 2), 8)   # a multiple of head_dim (checked: of 8)
     n_keys = tl.load(POS + b) + 1
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -138,12 +168,15 @@ def attention_task(WS, KC, VC, POS, a, head_dim, sm_scale,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s0 in range(0, n_keys, BLOCK_S):
+    for s0 in tl.range(0, n_keys, BLOCK_S, num_stages=STAGES):
         keys = s0 + s_idx
         km = (keys < n_keys)[:, None] & (d < head_dim)[None, :]
         kv_at = c_off + keys[:, None] * head_dim + d[None, :]
-        k = tl.load(KC + kv_at, mask=km, other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        # Kᵀ addressed directly, as the weights in _tile_dot: tl.trans of a loaded K kept the
+        # load out of the pipeline
+        k_t = tl.load(KC + c_off + keys[None, :] * head_dim + d[:, None],
+                      mask=(d < head_dim)[:, None] & (keys < n_keys)[None, :], other=0.0)
+        s = tl.dot(q, k_t)
         s = tl.where((keys < n_keys)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))   # finite: key s0 < n_keys is always visible
         alpha = tl.exp2(m_i - m_new)
@@ -170,7 +203,7 @@ def add_task(WS, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
     """next[b] = argmax_v logits[b, v] (lowest index on ties, as torch.argmax); a = (logits,
     vocab)."""
     src, vocab = tl.load(a), tl.load(a + 1)
@@ -178,8 +211,8 @@ def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr)
     r_ok = rows < batch
     best = tl.full([BLOCK_B], float("-inf"), tl.float32)
     best_i = tl.zeros([BLOCK_B], tl.int64)   # vocab comes from the int64 table
-    for v0 in range(0, vocab, BLOCK_N):
-        cols = v0 + tl.arange(0, BLOCK_N)
+    for v0 in range(0, vocab, BLOCK_R):
+        cols = v0 + tl.arange(0, BLOCK_R)
         m = r_ok[:, None] & (cols < vocab)[None, :]
         x = tl.load(WS + src + rows[:, None] * vocab + cols[None, :], mask=m,
                     other=float("-inf"))

@@ -15,6 +15,7 @@ import torch
 
 from kernels.device import INTERPRET, POISON
 from kernels.megakernel import launch
+from kernels.megakernel.persistent_triton import ARGS, OPS, gpu_blocks
 from shared.inference.kv_cache import KVCache
 from shared.megakernel.graph import build_decode_graph, operators
 from shared.megakernel.schedule import (
@@ -31,10 +32,6 @@ MODES = ("persistent", "per_operator")
 # A starved wait gives up after this many reads. In the interpreter nothing can arrive while a
 # program spins, so a few reads prove the hang; on a GPU ~10^7 reads is seconds.
 MAX_SPINS = 64 if INTERPRET else 10_000_000
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, 1 << (n - 1).bit_length())
 
 
 class MegakernelDecoder:
@@ -58,7 +55,9 @@ class MegakernelDecoder:
         dev = model.embed.weight.device
         weights, w_off = weight_layout(model)
         size, self.ws_offsets = workspace_layout(self.graph)
-        self.tables = {"TASKS": pack(self.graph, w_off, self.cache.max_len).to(dev),
+        table = pack(self.graph, w_off, self.cache.max_len)
+        check_alignment(table)
+        self.tables = {"TASKS": table.to(dev),
                        "EVENTS": torch.zeros(len(self.graph["events"]), dtype=torch.int32,
                                              device=dev),
                        "ERR": torch.zeros(1, dtype=torch.int32, device=dev)}
@@ -72,11 +71,8 @@ class MegakernelDecoder:
                                                               device=dev),
                       "batch": batch, "head_dim": c.head_dim, "eps": c.norm_eps,
                       "sm_scale": c.head_dim ** -0.5}
-        # The interpreter pays per instruction, not per element: wide K tiles there; 64 on a GPU
-        # (what kclub compile checks for spills). 32 keys per attention tile: 64 spills at d=128.
-        self.blocks = {"BLOCK_N": tile, "BLOCK_K": 128 if INTERPRET else 64,
-                       "BLOCK_G": _pow2(c.n_heads // c.n_kv_heads), "BLOCK_S": 32,
-                       "BLOCK_D": _pow2(c.head_dim)}
+        self.blocks = gpu_blocks(weights.dtype, c.head_dim, c.n_heads // c.n_kv_heads,
+                                 tile)
         self.epoch = 0
         self.launches = 0   # kernel launches so far (counted calls)
 
@@ -113,6 +109,29 @@ class MegakernelDecoder:
         off, (rows, cols) = self.ws_offsets["logits"], self.graph["buffers"]["logits"]
         logits = self.state["WS"][off:off + rows * cols].view(rows, cols).clone()
         return logits, self.state["OUT"].clone()
+
+
+# Task-table columns the task bodies declare tl.multiple_of (tasks_triton): op -> {column:
+# multiple}. 8 elements of a 16-bit weight or cache are one 16-byte cp.async; 4 float32
+# activations are one. Without the hints each weight load was a 2-byte scalar load.
+_ALIGNED = {OPS["matmul"]: {0: 4, 1: 4, 2: 8, 3: 8}, OPS["swiglu"]: {0: 4, 1: 4, 2: 8, 3: 8, 7: 8},
+            OPS["attention"]: {2: 8}}
+
+
+def check_alignment(table: torch.Tensor) -> None:
+    """Raise ValueError if a task-table offset breaks an alignment the kernel assumes: with
+    dim, ffn_dim and head_dim multiples of 8 every one holds (weight_layout, workspace_layout)."""
+    for op, cols in _ALIGNED.items():
+        rows = table[table[:, 0] == op]
+        for col, multiple in cols.items():
+            bad = rows[:, int(ARGS) + col] % multiple != 0
+            if bool(bad.any()):
+                raise ValueError(f"model dims: the {_OP_NAMES[op]} tasks need argument {col} a "
+                                 f"multiple of {multiple} (got {int(rows[bad][0, int(ARGS) + col])}"
+                                 f"): dim, ffn_dim and head_dim must be multiples of 8")
+
+
+_OP_NAMES = {v: k for k, v in OPS.items()}
 
 
 def eager_step(model: Llama, cache: KVCache, tokens: torch.Tensor
