@@ -106,7 +106,8 @@ def _torch_cases() -> list[Case]:
 
 def _paged_cases(add, dtypes) -> None:
     """Paged decode attention (Llama-3-8B heads: GQA 32/8 at d=128; MHA d=64; MQA at the padded
-    d=80), RoPE and the fused cache write, at ragged token counts."""
+    d=80; split in 4, and unsplit, where stage 1 writes the output), RoPE and the fused cache
+    write, at ragged token counts."""
     import torch
 
     from kernels.paged import rope, rope_cache_write, rope_cache_write_unfused
@@ -136,6 +137,8 @@ def _paged_cases(add, dtypes) -> None:
         for hq, hkv, d in ((32, 8, 128), (8, 8, 64), (8, 1, 80)):
             add("paged", f"paged_attention split-K 4 Hq/Hkv={hq}/{hkv} d={d}", dt, main,
                 attention(hq, hkv, d, dt, 4))
+        add("paged", "paged_attention 1 split (no merge) Hq/Hkv=32/8 d=128", dt, main,
+            attention(32, 8, 128, dt, 1))
         add("paged", "rope fwd+bwd 37×32×128", dt, main,
             lambda dt=dt: rope(torch.randn(37, 32, 128, dtype=dtypes[dt], requires_grad=True),
                                torch.arange(37)).sum().backward())
