@@ -108,14 +108,19 @@ def flash_bwd_dkdv_kernel(
         q_lo = tl.maximum(start_n - (seq_k - seq_q), 0) // BLOCK_M * BLOCK_M
         q_mid = tl.minimum(tl.maximum(tl.cdiv(start_n + BLOCK_N - 1 - (seq_k - seq_q), BLOCK_M)
                                       * BLOCK_M, q_lo), seq_q)
-    for g in range(group):                   # the query heads that share this K/V head
-        bh = bh_kv * group + g               # = b * heads + h, h = h_kv * group + g
-        for start_m in range(q_lo, q_mid, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, D, bh, start_m, offs_n, offs_d, d_ok,
-                                seq_q, seq_k, head_dim, qk_scale, BLOCK_M, True)
-        for start_m in range(q_mid, seq_q, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, D, bh, start_m, offs_n, offs_d, d_ok,
-                                seq_q, seq_k, head_dim, qk_scale, BLOCK_M, False)
+    # One flat loop per region over (query head of the GQA group, query block): nesting a head
+    # loop around two pipelined loops spilled on sm_90 where the flat form does not.
+    n_masked = tl.cdiv(q_mid - q_lo, BLOCK_M)
+    for i in range(group * n_masked):
+        bh = bh_kv * group + i // n_masked   # = b * heads + h, h = h_kv * group + g
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, D, bh, q_lo + i % n_masked * BLOCK_M,
+                            offs_n, offs_d, d_ok, seq_q, seq_k, head_dim, qk_scale, BLOCK_M, True)
+    n_full = tl.cdiv(seq_q - q_mid, BLOCK_M)
+    for i in range(group * n_full):
+        bh = bh_kv * group + i // n_full
+        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, D, bh, q_mid + i % n_full * BLOCK_M,
+                            offs_n, offs_d, d_ok, seq_q, seq_k, head_dim, qk_scale, BLOCK_M,
+                            False)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
