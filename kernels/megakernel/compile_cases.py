@@ -44,49 +44,51 @@ def triton_cases(add, dtypes) -> None:
             _persistent(dtype, 128, 4))
 
 
+def _decode_task_counts(B, L, D, F, V, H, Hkv, hd, tile) -> tuple[int, int, int]:
+    """(tasks, events, signals at most) of build_decode_graph's step for these sizes: the table
+    shapes the lowering needs (kernels import nothing from shared/, so counted here)."""
+    qkv, o, ffn, head = (H + 2 * Hkv) * hd // tile, D // tile, F // tile, -(-V // tile)
+    per_layer = 2 + qkv + 2 * B * Hkv + 2 * o + ffn + 2 * o      # norms, tiles, rope+attn, adds
+    tasks = 1 + L * per_layer + 1 + head + 1
+    events = 1 + L * (B * Hkv + 7 + 2 * o) + 3
+    return tasks, events, 2 * tasks
+
+
 def pallas_cases() -> list:
     """The Pallas whole-step worker loop on 2 TensorCores (v4/v5p megacore) at Qwen3-8B's widths
     (d=4096, ffn 12288, 32/8 heads of 128, 151 936-token vocabulary, bf16 weights and cache,
-    4096 positions) in 128-column tiles, two layers deep: its tables are the real graph's,
-    dealt to 2 cores (lowering reads shapes, not values). 36 layers would only lengthen the
-    tables, which sit in SMEM: ~100 K words there, more than a TensorCore's scalar memory holds
-    (the GPU kernel reads its table from global memory instead)."""
-    import dataclasses
-
+    4096 positions) in 128-column tiles, two layers deep, with tables of the graph's sizes
+    (lowering reads shapes, not values). 36 layers would only lengthen the tables, which sit in
+    SMEM: ~100 K words there, more than a TensorCore's scalar memory holds (the GPU kernel reads
+    its table from global memory instead)."""
     import jax
     import jax.numpy as jnp
 
     from kernels.megakernel.persistent_pallas import TABLES, WEIGHTS, decode_step_pallas
-    from shared.benchmarks.megakernel import QWEN3_8B
-    from shared.megakernel.graph import build_decode_graph
-    from shared.megakernel.pallas_decode import pallas_tables
-    from shared.megakernel.schedule import assign
 
     S = jax.ShapeDtypeStruct
     B, L, cores, tile, seq = 8, 2, 2, 128, 4096
-    c = dataclasses.replace(QWEN3_8B, n_layers=L)
-    graph = build_decode_graph(c, B, tile=tile, seq_len=seq)
-    tables = pallas_tables(graph, assign(graph, cores))
-    hd, n_qkv, bf16 = c.head_dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, jnp.bfloat16
-    vp = -(-c.vocab_size // tile) * tile
-    weights = {"embed": (c.vocab_size, c.dim), "norms": (2 * L + 1, 1, c.dim),
-               "wqkv": (L, c.dim, n_qkv), "wo": (L, c.dim, c.dim),
-               "w_gate": (L, c.dim, c.ffn_dim), "w_up": (L, c.dim, c.ffn_dim),
-               "w_down": (L, c.ffn_dim, c.dim), "lm_head": (1, c.dim, vp), "cos": (seq, hd),
-               "sin_signed": (seq, hd)}
-    dims = {"B": B, "D": c.dim, "F": c.ffn_dim, "V": c.vocab_size, "Vp": vp, "H": c.n_heads,
-            "Hkv": c.n_kv_heads, "head_dim": hd, "group": c.n_heads // c.n_kv_heads,
-            "tile": tile, "S": seq, "sm_scale": hd ** -0.5}
+    D, F, V, H, Hkv, hd = 4096, 12288, 151_936, 32, 8, 128
+    tasks, events, signals = _decode_task_counts(B, L, D, F, V, H, Hkv, hd, tile)
+    n_qkv, vp, bf16 = (H + 2 * Hkv) * hd, -(-V // tile) * tile, jnp.bfloat16
+    tables = {"OP": (tasks,), "ARG": (tasks, 4), "WAIT": (tasks,), "NEED": (tasks,),
+              "QUEUE": (cores, -(-tasks // cores)), "QLEN": (cores,), "SIG_START": (tasks + 1,),
+              "SIG_EVENT": (signals,), "SIG_CORE": (signals,), "TOK": (B,), "POS": (B,)}
+    weights = {"embed": (V, D), "norms": (2 * L + 1, 1, D), "wqkv": (L, D, n_qkv),
+               "wo": (L, D, D), "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+               "lm_head": (1, D, vp), "cos": (seq, hd), "sin_signed": (seq, hd)}
+    dims = {"B": B, "D": D, "F": F, "V": V, "Vp": vp, "H": H, "Hkv": Hkv, "head_dim": hd,
+            "group": H // Hkv, "tile": tile, "S": seq, "sm_scale": hd ** -0.5}
 
     def run(*flat):
         tabs = dict(zip(TABLES, flat[:len(TABLES)], strict=True))
         ws = dict(zip(WEIGHTS, flat[len(TABLES):-2], strict=True))
         k_ref, v_ref = jax.new_ref(flat[-2]), jax.new_ref(flat[-1])
         return decode_step_pallas(tabs, ws, k_ref, v_ref, dims=dims, cores=cores,
-                                  n_events=len(graph["events"]), eps=1e-6)
+                                  n_events=events, eps=1e-6)
 
-    cache = S((L, B, c.n_kv_heads, seq, hd), bf16)
-    args = (*(S(tables[k].shape if k in tables else (B,), jnp.int32) for k in TABLES),
+    cache = S((L, B, Hkv, seq, hd), bf16)
+    args = (*(S(tables[k], jnp.int32) for k in TABLES),
             *(S(weights[k], jnp.float32 if k in ("cos", "sin_signed") else bf16)
               for k in WEIGHTS), cache, cache)
     return [(FAMILY, f"decode_step_pallas 2 cores, Qwen3-8B widths, {L} layers, B={B}, "
