@@ -86,6 +86,9 @@ def _torch_cases() -> list[Case]:
             _grouped(grouped_matmul, 8, 4096, 14336, dtypes[dt]))
     add("attention", "flash fwd+bwd d=64 N=1024 H=16 (GPT-2 medium, full)", "fp16", True,
         attention(flash_attention, 1, 16, 16, 1024, 64, False, "fp16"))
+    # the GPU benchmark's d = 128 rows (MHA, not causal: the kernels' unmasked loops alone)
+    add("attention", "flash fwd+bwd d=128 N=1024 H=16 (FA2 benchmark, full)", "fp16", True,
+        attention(flash_attention, 1, 16, 16, 1024, 128, False, "fp16"))
     add("moe", "grouped_matmul fwd+bwd E=64 2048→1408 (DeepSeek-V2-Lite)", "bf16", True,
         _grouped(grouped_matmul, 64, 2048, 1408, torch.bfloat16))
     add("moe", "permute + unpermute top-2 of 8, D=4096", "bf16", True,

@@ -27,8 +27,9 @@ KERNELS = {"flash_fwd_kernel": "forward", "flash_bwd_dkdv_kernel": "bwd dK/dV",
 SCHEDULERS_PER_SM = 4          # warp schedulers (SM sub-partitions) on sm_80 and sm_90
 MUFU_PER_CLOCK_PER_SM = 16     # ex2 results per clock per SM (CUDA guide, throughput table)
 # The clocks at which the datasheet fp16 peaks hold (A100: 108 SMs x 2048 FLOP/clk x 1.41 GHz
-# = 312 T; H100 SXM: 132 x 4096 x 1.83 GHz = 989 T), so the exp rate is on the same footing.
-CLOCK_HZ = {"A100 80GB": 1.41e9, "H100 SXM": 1.83e9}
+# = 312 T; H100 SXM and H200, the same SM and peak: 132 x 4096 x 1.83 GHz = 989 T), so the exp
+# rate is on the same footing.
+CLOCK_HZ = {"A100 80GB": 1.41e9, "H100 SXM": 1.83e9, "H200": 1.83e9}
 
 
 def select(rows: list[dict], *, target: str | None = None, dtype: str | None = None,
