@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from kernels.device import INTERPRET, gpu_available
-from kernels.paged import paged_attention
-from kernels.paged.paged_attention_triton import default_splits
+from kernels.paged import paged_attention, paged_attention_reference
+from kernels.paged.paged_attention_triton import PROGRAMS_PER_SM, default_splits
 from kernels.paged.reference import random_paged_inputs
 from shared import bench, iocount, roofline
-from shared.benchmarks import out_of_time, record
+from shared.benchmarks import gpu_hardware, out_of_time, record
+from shared.benchmarks.online_softmax import _graphed, _spin_up
+from shared.check import assert_close
 from shared.inference.block_manager import BlockManager
 
 # vLLM Fig. 11: mean input / output tokens of the two traces (ShareGPT 8.4x longer inputs and
@@ -111,16 +113,17 @@ def _paged(prompt, output, block_size: int) -> Utilisation:
 def counted(ctx: int, heads: int, kv_heads: int, head_dim: int, splits: int,
             dtype=torch.float16, repeat_kv: bool = False) -> dict:
     """One decode step of one sequence of `ctx` tokens, counted in Triton's interpreter, per
-    kernel. repeat_kv: the same step with every KV head copied once per query head (MHA layout),
-    which is what a kernel that does not pack a group loads."""
+    kernel (one split has no merge kernel: its zeros are counted). repeat_kv: the same step with
+    every KV head copied once per query head (MHA layout), which is what a kernel that does not
+    pack a group loads."""
     q, k, v, tables, lens = random_paged_inputs([ctx], heads, kv_heads, head_dim, dtype,
                                                 pool=-(-ctx // 16) + 4)
     if repeat_kv:
         k, v = (x.repeat_interleave(heads // kv_heads, dim=2) for x in (k, v))
     with iocount.count() as c:
         paged_attention(q, k, v, tables, lens, num_splits=splits)
-    split, merge = (c.by_kernel[n] for n in ("paged_attention_split_kernel",
-                                              "paged_attention_merge_kernel"))
+    split, merge = (c.by_kernel.get(n, iocount.Traffic()) for n in
+                    ("paged_attention_split_kernel", "paged_attention_merge_kernel"))
     return {"ctx": ctx, "heads": heads, "kv_heads": kv_heads * (heads // kv_heads if repeat_kv
                                                                 else 1),
             "head_dim": head_dim, "splits": splits, "element_size": q.element_size(),
@@ -133,41 +136,69 @@ def counted(ctx: int, heads: int, kv_heads: int, head_dim: int, splits: int,
 def io_model(ctx: int, heads: int, kv_heads: int, head_dim: int, splits: int, batch: int = 1,
              element_size: int = 2) -> dict:
     """The bytes split-K paged attention must move, written out: K and V once (2·L·Hkv·D),
-    one block-table entry per token per KV head, q once per split, the fp32 partials (acc, m, l)
-    written by stage 1 and read by stage 2, and the output."""
+    one block-table entry per token per KV head, q once per split, seq_len once per program,
+    the fp32 partials (acc, m, l) written by stage 1 and read by stage 2, and the output. One
+    split has no partials and no stage 2: stage 1 writes the output."""
     e = element_size
-    partials = batch * heads * splits * (head_dim + 2) * 4
+    out = batch * heads * head_dim * e
+    partials = batch * heads * splits * (head_dim + 2) * 4 if splits > 1 else 0
     split_loaded = batch * (2 * ctx * kv_heads * head_dim * e + ctx * kv_heads * 4
                             + splits * heads * head_dim * e + splits * kv_heads * 4)
-    return {"split_programs": batch * kv_heads * splits, "merge_programs": batch * heads,
-            "split_loaded": split_loaded, "split_stored": partials, "merge_loaded": partials,
-            "merge_stored": batch * heads * head_dim * e,
+    return {"split_programs": batch * kv_heads * splits,
+            "merge_programs": batch * heads if splits > 1 else 0,
+            "split_loaded": split_loaded, "split_stored": partials or out,
+            "merge_loaded": partials, "merge_stored": out if splits > 1 else 0,
             "kv_bytes": batch * 2 * ctx * kv_heads * head_dim * e,
-            "bytes": split_loaded + 2 * partials + batch * heads * head_dim * e}
+            "bytes": split_loaded + 2 * partials + out}
 
 
 # ---- predictions ----------------------------------------------------------------------------
 LAUNCH_S = 2.5e-6   # assumed fixed cost per kernel launch on a GPU (order of magnitude only)
+# What one stage-1 tile (64 tokens: a 32 KB K+V tile in fp16 at d = 128) costs a program, from
+# the first H200 run (docs/gpu-runs/2026-11-27-h200): the loop then waited for the tile's table
+# entries, then for its K/V, then computed, one after another; at 1 split, 32k tokens, each of
+# the 8 programs ran 512 tiles in 972.4 µs, 1.90 µs a tile = 2 memory latencies (the roofline's
+# 500 ns) + 0.90 µs of work for its 561 SASS instructions per warp. The loop now issues the
+# next tile's loads first, so a tile costs the larger of one latency and its work: 619
+# instructions, scaled by that rate. Both counts: the sm_90 SASS from Triton 3.6 (the H200's),
+# cuobjdump -sass, the loop from its label to its backward branch. Re-count them when the
+# kernel changes.
+OLD_TILE_S = 972.4e-6 / 512
+LOOP_INSTRUCTIONS = {"before": 561, "now": 619}
+
+
+def tile_work_s(hw: str) -> float:
+    """Seconds of one stage-1 tile's work (not its waits), from OLD_TILE_S as above."""
+    latency = roofline.hardware(hw).mem_latency_s
+    per_instruction = (OLD_TILE_S - 2 * latency) / LOOP_INSTRUCTIONS["before"]
+    return per_instruction * LOOP_INSTRUCTIONS["now"]
 
 
 def predict_latency(ctx: int, heads: int, kv_heads: int, head_dim: int, splits: int,
-                    hw: str = "H100 SXM", *, batch: int = 1, element_size: int = 2,
-                    warps: int = 4, stages: int = 2, block_n: int = 64,
-                    max_occupancy: float = 1.0) -> dict:
-    """A prediction of one decode attention call: the IO model's bytes at the bandwidth the
-    resident programs can pull. Each stage-1 program keeps `stages` K+V tiles in flight
-    (Little's law, roofline.occupancy_bandwidth); with B·Hkv·S programs on 132 SMs, few programs
-    cannot saturate HBM however fast each is. Plus LAUNCH_S per kernel."""
+                    hw: str = "H100 SXM", *, batch: int = 1, element_size: int = 2) -> dict:
+    """A prediction of one decode attention call on `hw` (fp16, d ≤ 128: 64-token tiles).
+
+    Stage 1 takes the longer of two floors: the IO model's bytes at HBM bandwidth, and its
+    programs' own time, PROGRAMS_PER_SM resident per SM, in waves: a program pays two memory
+    latencies before its first tile (the table, then K/V), then max(latency, tile work) per
+    tile (the next tile's loads are in flight while one is computed). Stage 2 is its bytes at
+    bandwidth plus one latency; LAUNCH_S per kernel."""
     part = roofline.hardware(hw)
     io = io_model(ctx, heads, kv_heads, head_dim, splits, batch, element_size)
-    in_flight = stages * 2 * block_n * head_dim * element_size / warps   # per warp
-    occ = min(max_occupancy, io["split_programs"] * warps / (part.max_warps_per_sm * part.sms))
-    bw = roofline.occupancy_bandwidth(part, occ, in_flight)
-    stage1 = (io["split_loaded"] + io["split_stored"]) / bw
-    stage2 = (io["merge_loaded"] + io["merge_stored"]) / part.mem_bw
-    busy = min(part.sms, io["split_programs"])
-    return {"splits": splits, "programs": io["split_programs"], "sms_busy": busy,
-            "bandwidth": bw, "time_s": stage1 + stage2 + 2 * LAUNCH_S, "bytes": io["bytes"]}
+    latency, work = part.mem_latency_s, tile_work_s(hw)
+    programs = io["split_programs"]
+    waves = -(-programs // (PROGRAMS_PER_SM * part.sms))
+    tiles = math.ceil(math.ceil(ctx / splits) / 64)   # the kernel's chunk, in tiles
+    per_program = 2 * latency + tiles * max(latency, work)
+    dram = (io["split_loaded"] + io["split_stored"]) / part.mem_bw
+    stage1 = max(dram, waves * per_program)
+    stage2 = (io["merge_loaded"] + io["merge_stored"]) / part.mem_bw + latency if splits > 1 \
+        else 0.0
+    launches = 2 if splits > 1 else 1
+    return {"splits": splits, "programs": programs, "sms_busy": min(part.sms, programs),
+            "bound": "HBM" if dram >= waves * per_program else "latency",
+            "bandwidth": io["bytes"] / (stage1 + stage2),
+            "time_s": stage1 + stage2 + launches * LAUNCH_S, "bytes": io["bytes"]}
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int,
@@ -186,6 +217,57 @@ def decode_roofline(hw: str, batch: int, ctx: int, heads: int, kv_heads: int, he
                             hw, dtype)
 
 
+# The GPU rows: (batch, context, split counts to time; None is the launcher's default). The
+# first H200 run's shapes, its old default (17 splits at 32k on 132 SMs) and a batch of 16;
+# the headline first, as the deadline may stop the loop.
+GPU_CASES = ((1, 32768, (1, 17, None)), (1, 4096, (1, None)), (16, 4096, (1, None)))
+
+
+def gpu_table(cases=GPU_CASES, repeat: int = 30) -> list[dict]:
+    """On a CUDA GPU, Llama-3-8B's heads (32/8, d = 128, fp16): each call checked against the
+    float64 reference, then timed two ways, interleaved round by round (bench.compare): per call
+    (CUDA events around the Python call, L2 flushed before it: what a caller sees, the Python
+    launch path included where it outlasts the flush) and device time alone (the same call
+    replayed from a CUDA graph). Beside them, predict_latency's time on this GPU's roofline row.
+    Stops at the deadline."""
+    hw = gpu_hardware()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _spin_up()
+    out = []
+    for batch, ctx, split_list in cases:
+        if out_of_time(reserve_s=8):
+            break
+        args = random_paged_inputs([ctx] * batch, 32, 8, 128, torch.float16,
+                                   pool=batch * (ctx // 16) + 4, device="cuda")
+        ref = paged_attention_reference(*(x.cpu().double() if x.is_floating_point() else x.cpu()
+                                          for x in args))
+        runs = {}   # label -> (splits, error, call)
+        for s in split_list:
+            splits = s or default_splits(batch, 8, ctx, sms)
+            if any(n == splits for n, _, _ in runs.values()):
+                continue   # the default is one of the forced counts: timed once
+            fn = lambda a=args, n=splits: paged_attention(*a, num_splits=n, check_inputs=False)
+            err = assert_close(fn(), ref, dtype=torch.float16, matmul=True,
+                               what=f"paged_attention {batch}x{ctx} splits={splits}")
+            runs[f"{splits} (default)" if s is None else str(splits)] = splits, err, fn
+        fns = {label: fn for label, (_, _, fn) in runs.items()}
+        per_call = bench.compare(fns, warmup=3, repeat=repeat)
+        device = bench.compare({k: _graphed(f) for k, f in fns.items()}, warmup=3, repeat=repeat)
+        for label, (splits, err, _) in runs.items():
+            io = io_model(ctx, 32, 8, 128, splits, batch)
+            row = {"batch": batch, "ctx": ctx, "splits": label, "rel err": err,
+                   "µs per call": per_call[label].median_s * 1e6,
+                   "µs graph": device[label].median_s * 1e6,
+                   "GB/s graph": io["bytes"] / device[label].median_s / 1e9}
+            if hw is not None:
+                p = predict_latency(ctx, 32, 8, 128, splits, hw, batch=batch)
+                row["predicted µs (device)"] = p["time_s"] * 1e6
+                row["predicted bound"] = p["bound"]
+            out.append(record(f"paged_attention, CUDA ({hw or 'unlisted GPU'}), 32/8 heads, "
+                              "d=128, fp16: measured, predicted from counted bytes beside", row))
+    return out
+
+
 def main() -> int:
     prompt, output = request_lengths("ShareGPT-like", 200)
     for u in utilisation(prompt, output):
@@ -196,19 +278,12 @@ def main() -> int:
             c = counted(2048, 32, 8, 128, s)
             record("split-K counted (Triton interpreter), 2048 tokens, 32/8 heads, d=128",
                    {k: c[k] for k in ("splits", "split_programs", "bytes")})
-    for s in (1, 2, 4, 8, 16, 32, 64):
-        p = predict_latency(32768, 32, 8, 128, s)
-        record("predicted H100 decode attention, batch 1, 32k tokens (prediction)",
-               {"splits": s, "µs": p["time_s"] * 1e6, "SMs busy": p["sms_busy"]})
+    for hw in ("H100 SXM", "H200"):
+        for s in (1, 2, 4, 8, 17, 33, 64):
+            p = predict_latency(32768, 32, 8, 128, s, hw)
+            record(f"predicted {hw} decode attention, batch 1, 32k tokens (prediction)",
+                   {"splits": s, "µs": p["time_s"] * 1e6, "SMs busy": p["sms_busy"],
+                    "bound": p["bound"]})
     if gpu_available() and not INTERPRET:
-        for ctx in (4096, 32768):
-            if out_of_time(reserve_s=5):
-                break
-            args = random_paged_inputs([ctx], 32, 8, 128, torch.float16, pool=ctx // 16 + 4,
-                                       device="cuda")
-            for s in (1, None):
-                tm = bench.measure(lambda s=s, a=args: paged_attention(*a, num_splits=s,
-                                                                        check_inputs=False))
-                record("paged_attention, CUDA, batch 1, 32/8 heads, d=128, fp16",
-                       {"ctx": ctx, "splits": s or "default", "µs": tm.median_s * 1e6})
+        gpu_table()
     return 0
