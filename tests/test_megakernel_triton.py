@@ -32,12 +32,16 @@ def _prefill(model, cache, prompt):
     cache.lengths += prompt.shape[1]
 
 
-@pytest.mark.parametrize("batch,dtype,prompt_len,seed", [
-    (1, torch.float32, 1, 0), (3, torch.float32, 70, 1), (2, torch.float16, 9, 2)])
-def test_persistent_step_matches_float64_and_eager(batch, dtype, prompt_len, seed, device):
+@pytest.mark.parametrize("batch,dtype,prompt_len,seed,row_block", [
+    (1, torch.float32, 1, 0, None), (3, torch.float32, 70, 1, None),
+    (2, torch.float16, 9, 2, None), (3, torch.float16, 5, 6, 32)])
+def test_persistent_step_matches_float64_and_eager(batch, dtype, prompt_len, seed, row_block,
+                                                   device):
     model = _model(seed, dtype, device)
     ref = _model(seed, dtype, device).double()
     dec = MegakernelDecoder(model, batch, max_len=80, tile=64)
+    if row_block:   # rows wider than BLOCK_R: two-pass RMSNorm, a 4-step ragged argmax
+        dec.blocks["BLOCK_R"] = row_block
     caches = {"eager": KVCache(TINY, batch, max_len=80, dtype=dtype, device=device),
               "f64": KVCache(TINY, batch, max_len=80, dtype=torch.float64, device=device)}
     prompt = torch.randint(0, TINY.vocab_size, (batch, prompt_len), device=device)

@@ -81,9 +81,9 @@ def megakernel_decode_kernel(
             op = tl.load(rec)
             a = rec + ARGS
             if op == 1:
-                embed_task(WS, W, TOK, a, batch, BLOCK_B, BLOCK_R)
+                embed_task(WS, W, TOK, a, batch, BLOCK_R)
             elif op == 2:
-                rmsnorm_task(WS, W, a, batch, eps, BLOCK_B, BLOCK_R)
+                rmsnorm_task(WS, W, a, batch, eps, BLOCK_R)
             elif op == 3:
                 matmul_task(WS, W, a, batch, False, BLOCK_B, BLOCK_N, BLOCK_K, MM_STAGES)
             elif op == 4:
@@ -96,7 +96,7 @@ def megakernel_decode_kernel(
             elif op == 7:
                 add_task(WS, a, batch, BLOCK_B, BLOCK_N)
             elif op == 8:
-                argmax_task(WS, OUT, a, batch, BLOCK_B, BLOCK_R)
+                argmax_task(WS, OUT, a, batch, BLOCK_R)
             tl.debug_barrier()   # every warp's stores issued before the release below
             trig = tl.load(rec + TRIGGER)
             if trig >= 0:
@@ -109,12 +109,13 @@ def megakernel_decode_kernel(
 
 def gpu_blocks(dtype: torch.dtype, head_dim: int, group: int, tile: int = 64) -> dict:
     """The constexprs a GPU run uses (`kclub compile --family megakernel` builds exactly these:
-    16-bit, no spills on sm_80/sm_90, ~215 registers, 96 KB of shared memory). Weights:
+    16-bit, no spills on sm_80/sm_90, 226–248 registers, 96 KB of shared memory). Weights:
     [128, 64] 16-bit tiles (16 KB), 5 stages, so 4 tiles, 64 KB, are in flight per SM
-    (tasks_triton's docstring does the Little's-law sum); [256, 64] at 3 stages spilled. fp32
+    (tasks_triton's docstring does the Little's-law sum); [256, 64] tiles at 3 stages spilled. fp32
     weights take 64-deep tiles, the same bytes a stage. K/V: 32 keys a tile (64 spilled at
-    d = 128), 4 stages. Row-wise ops: 512 columns (16 × 512 fp32 is 32 registers a thread)."""
-    return {"BLOCK_N": tile, "BLOCK_K": 128 if dtype.itemsize == 2 else 64, "BLOCK_R": 512,
+    d = 128), 4 stages. Row-wise ops (embed, RMSNorm, argmax): 2048 columns of one row a step
+    (4096 spilled on sm_90)."""
+    return {"BLOCK_N": tile, "BLOCK_K": 128 if dtype.itemsize == 2 else 64, "BLOCK_R": 2048,
             "BLOCK_G": _pow2(group), "BLOCK_S": 32, "BLOCK_D": _pow2(head_dim),
             "MM_STAGES": 5, "KV_STAGES": 4}
 

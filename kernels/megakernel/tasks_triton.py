@@ -8,13 +8,17 @@ Matmul tiles are `tl.dot`s of [BLOCK_B, BLOCK_K] × [BLOCK_K, BLOCK_N] with the 
 issue slots, never bytes.
 
 At decode a task is a weight stream, so what sets its speed is the bytes it keeps in flight
-(Little's law). One SM's share of an H200's ~4.2 TB/s at ~1 µs load latency is ~32 KB in flight.
-The streaming loops are `tl.range(..., num_stages=STAGES)`: Triton's pipeliner keeps STAGES − 1
-tiles of cp.async loads outstanding while the MMA eats the oldest. A 64 × 256 fp16 weight tile
-is 32 KB, so 2 in flight is 64 KB (the 64 × 64 tile of two stages it replaces was 8 KB: a
-quarter of Little's law at 1 µs, an eighth under load). A SwiGLU task streams gate and up
-in one loop (one pipeline fill, x read once). Row-wise bodies (embed, RMSNorm, argmax) walk
-BLOCK_R columns per step: at 64 the vocab-wide argmax was 2 374 dependent steps.
+(Little's law). One SM's share of an H200's ~4.2 TB/s at ~1 µs loaded latency is ~32 KB in
+flight. The weight loop is `tl.range(..., num_stages=STAGES)`: Triton's pipeliner keeps
+STAGES − 1 cp.async tiles outstanding while the MMA eats the oldest; a [128, 64] 16-bit tile
+is 16 KB, so 5 stages keep 64 KB in flight. cp.async moves 4, 8 or 16 bytes, so the weight
+offsets are declared tl.multiple_of (the runtime checks them) and Wᵀ is addressed directly:
+without the hints each 16-bit weight load was a 2-byte scalar load, and a tl.trans'ed tile
+stayed in registers, so the loop ran synchronously with one [64, 64] tile (8 KB) per round
+trip, under a quarter of Little's law. A SwiGLU task streams gate and up
+in one loop (one pipeline fill, x read once). Row-wise bodies (embed, RMSNorm, argmax) walk one
+row at a time BLOCK_R columns a step: at [16, 64] a step, the argmax over Qwen3's vocabulary
+was 2 374 dependent steps and each RMSNorm 128, all on the step's critical path.
 """
 
 from __future__ import annotations
@@ -24,41 +28,44 @@ import triton.language as tl
 
 
 @triton.jit
-def embed_task(WS, W, TOK, a, batch, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+def embed_task(WS, W, TOK, a, batch, BLOCK_R: tl.constexpr):
     """x[b, :] = E[token[b], :]; a = (E offset, x offset, dim)."""
     w_off, dst, dim = tl.load(a), tl.load(a + 1), tl.load(a + 2)
-    rows = tl.arange(0, BLOCK_B)
-    r_ok = rows < batch
-    tok = tl.load(TOK + rows, mask=r_ok, other=0).to(tl.int64)
-    for k0 in range(0, dim, BLOCK_R):
-        cols = k0 + tl.arange(0, BLOCK_R)
-        m = r_ok[:, None] & (cols < dim)[None, :]
-        e = tl.load(W + w_off + tok[:, None] * dim + cols[None, :], mask=m, other=0.0)
-        tl.store(WS + dst + rows[:, None] * dim + cols[None, :], e.to(tl.float32), mask=m)
+    for b in range(0, batch):
+        tok = tl.load(TOK + b).to(tl.int64)
+        for k0 in range(0, dim, BLOCK_R):
+            cols = k0 + tl.arange(0, BLOCK_R)
+            e = tl.load(W + w_off + tok * dim + cols, mask=cols < dim, other=0.0)
+            tl.store(WS + dst + b * dim + cols, e.to(tl.float32), mask=cols < dim)
 
 
 @triton.jit
-def rmsnorm_task(WS, W, a, batch, eps, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dst = src / sqrt(mean(src²) + eps) · w, rows of `dim`; a = (src, w, dst, dim). Two
-    passes: a row of the Qwen3-8B width does not fit the registers left beside the matmul's,
-    and the second pass re-reads it from L2 (it was written a moment ago), dim / BLOCK_R steps."""
+def rmsnorm_task(WS, W, a, batch, eps, BLOCK_R: tl.constexpr):
+    """dst = src / sqrt(mean(src²) + eps) · w, row by row; a = (src, w, dst, dim). A row of
+    dim ≤ BLOCK_R is read once and kept: one round trip on the step's critical path. Wider
+    rows (Qwen3's 4096 at BLOCK_R 2048: a 4096-wide row spilled on sm_90) take two passes of
+    dim / BLOCK_R steps, the second re-reading from L2."""
     src, w_off, dst, dim = tl.load(a), tl.load(a + 1), tl.load(a + 2), tl.load(a + 3)
-    rows = tl.arange(0, BLOCK_B)
-    r_ok = rows < batch
-    ss = tl.zeros([BLOCK_B], tl.float32)
-    for k0 in range(0, dim, BLOCK_R):   # pass 1: Σ x² per row
-        cols = k0 + tl.arange(0, BLOCK_R)
-        m = r_ok[:, None] & (cols < dim)[None, :]
-        x = tl.load(WS + src + rows[:, None] * dim + cols[None, :], mask=m, other=0.0)
-        ss += tl.sum(x * x, 1)
-    inv = 1.0 / tl.sqrt(ss / dim + eps)
-    for k0 in range(0, dim, BLOCK_R):   # pass 2: scale
-        cols = k0 + tl.arange(0, BLOCK_R)
-        m = r_ok[:, None] & (cols < dim)[None, :]
-        x = tl.load(WS + src + rows[:, None] * dim + cols[None, :], mask=m, other=0.0)
-        w = tl.load(W + w_off + cols, mask=cols < dim, other=0.0).to(tl.float32)
-        tl.store(WS + dst + rows[:, None] * dim + cols[None, :], x * inv[:, None] * w[None, :],
-                 mask=m)
+    cols = tl.arange(0, BLOCK_R)
+    for b in range(0, batch):
+        row, out = WS + src + b * dim, WS + dst + b * dim
+        if dim <= BLOCK_R:
+            m = cols < dim
+            x = tl.load(row + cols, mask=m, other=0.0)
+            w = tl.load(W + w_off + cols, mask=m, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / dim + eps)
+            tl.store(out + cols, x * inv * w, mask=m)
+        else:
+            ss = tl.zeros([BLOCK_R], tl.float32)
+            for k0 in range(0, dim, BLOCK_R):
+                x = tl.load(row + k0 + cols, mask=k0 + cols < dim, other=0.0)
+                ss += x * x
+            inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / dim + eps)
+            for k0 in range(0, dim, BLOCK_R):
+                m = k0 + cols < dim
+                x = tl.load(row + k0 + cols, mask=m, other=0.0)
+                w = tl.load(W + w_off + k0 + cols, mask=m, other=0.0).to(tl.float32)
+                tl.store(out + k0 + cols, x * inv * w, mask=m)
 
 
 @triton.jit
@@ -203,22 +210,26 @@ def add_task(WS, a, batch, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def argmax_task(WS, OUT, a, batch, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+def argmax_task(WS, OUT, a, batch, BLOCK_R: tl.constexpr):
     """next[b] = argmax_v logits[b, v] (lowest index on ties, as torch.argmax); a = (logits,
-    vocab)."""
-    src, vocab = tl.load(a), tl.load(a + 1)
-    rows = tl.arange(0, BLOCK_B)
-    r_ok = rows < batch
-    best = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK_B], tl.int64)   # vocab comes from the int64 table
-    for v0 in range(0, vocab, BLOCK_R):
-        cols = v0 + tl.arange(0, BLOCK_R)
-        m = r_ok[:, None] & (cols < vocab)[None, :]
-        x = tl.load(WS + src + rows[:, None] * vocab + cols[None, :], mask=m,
-                    other=float("-inf"))
-        tile_max = tl.max(x, 1)
-        first = tl.min(tl.where(x == tile_max[:, None], cols[None, :], vocab), 1)
-        better = tile_max > best            # strictly: an earlier tile keeps its tie
-        best_i = tl.where(better, first, best_i)
-        best = tl.where(better, tile_max, best)
-    tl.store(OUT + rows, best_i, mask=r_ok)
+    vocab). Row by row, BLOCK_R logits a step, the next step's load issued before this step's
+    reduction: 75 steps for Qwen3's 151 936-token row at 2048 wide."""
+    src = tl.load(a)
+    vocab = tl.load(a + 1).to(tl.int32)   # int32 column indices: int64 ones spilled on sm_90
+    offs = tl.arange(0, BLOCK_R)
+    for b in range(0, batch):
+        row = WS + src + b * vocab
+        best = float("-inf")
+        best_i = tl.zeros([], tl.int32)
+        x = tl.load(row + offs, mask=offs < vocab, other=float("-inf"))
+        for v0 in range(0, vocab, BLOCK_R):
+            nxt = v0 + BLOCK_R + offs
+            x_next = tl.load(row + nxt, mask=nxt < vocab, other=float("-inf"))
+            cols = v0 + offs
+            tile_max = tl.max(x, 0)
+            first = tl.min(tl.where(x == tile_max, cols, vocab), 0)
+            better = tile_max > best        # strictly: an earlier tile keeps its tie
+            best_i = tl.where(better, first, best_i)
+            best = tl.where(better, tile_max, best)
+            x = x_next
+        tl.store(OUT + b, best_i.to(tl.int64))
