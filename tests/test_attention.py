@@ -168,6 +168,35 @@ def test_single_key_gives_zero_dq_dk(device):
     assert_close(v.grad, do.double().reshape(1, 2, 2, 33, 97).sum((2, 3))[:, :, None], tol=exact)
 
 
+def test_very_negative_scores_and_a_ragged_key_block(device):
+    """Every score of a row near -160: L is too, so a padded key (score 0) would get
+    P = exp(160) = inf in fp32 and dQ = inf · 0. The kernels mask the ragged key block (the dQ
+    kernel too) and must match the float64 reference, finite."""
+    seed = fresh_seed()
+    q, k, v, do = make_inputs(1, 2, 1, 40, 37, 16, torch.float32, seed, device)
+    u = torch.ones(16, device=device)
+    k = (0.1 * k.detach() + u).requires_grad_()           # every key close to u
+    q = (-40.0 * u).expand(1, 2, 40, 16).contiguous().requires_grad_()
+    o = flash_attention(q, k, v, causal=False, block_sizes=BlockSizes(16, 16))
+    o.backward(do)
+    assert all(torch.isfinite(x).all() for x in (o, q.grad, k.grad, v.grad))
+    q.grad = k.grad = v.grad = None
+    check_fwd_bwd(flash_attention, q, k, v, do, f"seed={seed}", causal=False,
+                  block_sizes=BlockSizes(16, 16))
+
+
+def test_configs_per_kernel_and_target():
+    from kernels.attention.configs import for_capability
+
+    assert for_capability(0, "dkdv", 128, 2) == BlockSizes(64, 64)   # the interpreter's
+    with pytest.raises(ValueError, match="pass_ must be one of"):
+        for_capability(90, "backward", 64, 2)
+    for d in (64, 128):   # 16-bit, sm_90: the owned block feeds 64-row warpgroup MMAs
+        assert for_capability(90, "dkdv", d, 2).block_n >= 64
+        assert for_capability(90, "dq", d, 2).block_m >= 64
+        assert for_capability(90, "forward", d, 2).block_m >= 64
+
+
 @pytest.mark.parametrize("n_q,n_k,causal,dtype", [(37, 37, False, torch.float32),
                                                   (65, 100, True, torch.float16)])
 def test_standard_attention_matches_reference(n_q, n_k, causal, dtype, device):
