@@ -60,7 +60,10 @@ def _wait(EVENTS, ev, need, epoch, max_spins):
     return ok
 
 
-@triton.jit
+# Triton specializes an int argument equal to 1 or divisible by 16 into a separate binary: epoch
+# grows every step (1, 2, ..., 16, ...) and batch is 1 at decode, so each would trigger a fresh
+# compile mid-run, and the binary that ran would not be the one `kclub compile` checked.
+@triton.jit(do_not_specialize=["epoch", "batch"])
 def megakernel_decode_kernel(
     TASKS, QUEUE, QSTART, EVENTS, ERR,          # the schedule and its counters
     WS, W, KC, VC, COS, SIN, TOK, OUT, POS,     # workspace, weights, caches, tokens
