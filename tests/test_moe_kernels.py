@@ -1,5 +1,7 @@
 """kernels/moe: grouped matmul (Triton, Pallas), permute/unpermute, routing, balancing loss."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,11 +22,12 @@ from kernels.moe import (
     unpermute,
     unpermute_reference,
 )
-from kernels.moe.grouped_matmul import tile_schedule
+from kernels.moe.grouped_matmul import default_blocks, tile_schedule
 from kernels.moe.grouped_matmul_pallas import PallasBlocks, grouped_matmul_pallas
 from shared.check import assert_close, fresh_seed, kernel_device, kernel_dtypes
 
-SMALL = Blocks(m=16, n=32, k=16)   # small tiles so odd sizes straddle several of them
+# small tiles so odd sizes straddle several of them; groups of 2 row tiles in the program order
+SMALL = Blocks(m=16, n=32, k=16, group_m=2)
 HALF = [d for d in kernel_dtypes(kernel_device()) if d != torch.float32]  # bf16 only on CUDA
 
 
@@ -65,6 +68,31 @@ def test_grouped_matmul_16bit_default_blocks_and_empty_groups(dtype, device):
     assert_close(out, grouped_matmul_reference(x.double(), w.double(), gs),
                  what=f"out (seed {seed})")
     assert torch.all(out[73:] == 0), "rows past the groups must be zero (ragged_dot)"
+
+
+@pytest.mark.parametrize("group_m", [1, 3, 64])
+def test_grouped_program_order_writes_every_tile_once(group_m, device):
+    """The forward's grouped program order over (row tile, column tile), in groups of 1 row
+    tile, of 3 (the last group shorter: 11 tile slots) and of more than there are; outputs are
+    poisoned under the interpreter, so a tile never written, or written twice wrongly, fails."""
+    seed = fresh_seed()
+    x, w, gs = _operands([37, 0, 50, 9], 20, 100, torch.float32, device, seed, extra_rows=3)
+    blocks = Blocks(m=16, n=32, k=16, group_m=group_m)
+    out = grouped_matmul(x, w, gs, blocks=blocks)
+    assert_close(out, grouped_matmul_reference(x.double(), w.double(), gs), matmul=True,
+                 what=f"group_m={group_m} (seed {seed})")
+
+
+def test_default_blocks_per_target(monkeypatch):
+    # the module, not the function kernels.moe exports under the same name
+    gm = importlib.import_module("kernels.moe.grouped_matmul")
+    for cap, half, full in ((0, Blocks(), Blocks()),
+                            (80, Blocks(128, 128, 32, warps=8), Blocks()),
+                            (90, Blocks(128, 128, 64, warps=8), Blocks())):
+        monkeypatch.setattr(gm, "capability", lambda cap=cap: cap)
+        assert default_blocks(torch.bfloat16) == half
+        assert default_blocks(torch.float16) == half
+        assert default_blocks(torch.float32) == full
 
 
 def test_tile_schedule_covers_every_row_once_and_never_mixes_groups(device):
@@ -151,6 +179,10 @@ def test_grouped_matmul_bad_input(device):
         PallasBlocks(m=8, n=64)
     with pytest.raises(ValueError, match="power of two"):
         Blocks(m=24)
+    with pytest.raises(ValueError, match="group_m"):
+        Blocks(group_m=0)
+    with pytest.raises(ValueError, match="warps"):
+        Blocks(warps=True)
 
 
 @settings(max_examples=5)

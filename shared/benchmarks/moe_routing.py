@@ -20,8 +20,10 @@ import torch
 
 from kernels.device import INTERPRET, gpu_available
 from kernels.moe import Blocks, grouped_matmul, grouped_matmul_torch
+from kernels.moe.grouped_matmul import default_blocks
 from shared import bench, iocount, roofline
 from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
+from shared.check import assert_close
 from shared.moe import MoELayer, TopKRouter
 from shared.moe.dispatch import capacity
 
@@ -199,11 +201,18 @@ def per_expert_loop(x, w, sizes):
 GPU_SHAPES = (ExpertShape("E=8 top-2 at V2-Lite dims", 2048, 1408, 8, 2), V2_LITE)
 
 
+# The tiles before `default_blocks` (the first H200 run's 102-117 TFLOP/s): 64 × 64 × 32 on 4
+# warps, programs in row-tile-fastest order (one group holding every row tile, as the old 2-D
+# grid ran them: GPU_SHAPES have at most 1600 row tiles of 64).
+PREVIOUS_BLOCKS = Blocks(m=64, n=64, k=32, group_m=2**16, warps=4, stages=3)
+
+
 def gpu_table(shapes=GPU_SHAPES, tokens: int = 16384) -> list[dict]:
-    """On a CUDA GPU, bf16: the Triton grouped matmul (the gate_up-sized GEMM, D -> F) against a
-    per-expert loop of torch.mm and torch's grouped GEMM (F.grouped_mm, CUTLASS on sm90),
-    TFLOP/s and % of the roofline at the minimum traffic (x, w and out once). Stops at the
-    deadline."""
+    """On a CUDA GPU, bf16: the Triton grouped matmul (the gate_up-sized GEMM, D -> F) with the
+    target's tiles (`default_blocks`) and with PREVIOUS_BLOCKS, against a per-expert loop of
+    torch.mm and torch's grouped GEMM (F.grouped_mm, CUTLASS on sm90), TFLOP/s and % of the
+    roofline at the minimum traffic (x, w and out once); the Triton result's error against the
+    per-expert loop in fp32 first. Stops at the deadline."""
     hw, rows = gpu_hardware(), []
     for shape in shapes:
         if out_of_time(reserve_s=10):
@@ -213,12 +222,19 @@ def gpu_table(shapes=GPU_SHAPES, tokens: int = 16384) -> list[dict]:
         M = int(sizes.sum())
         x = torch.randn(M, dim, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(E, dim, ffn, device="cuda", dtype=torch.bfloat16)
+        blocks = default_blocks(x.dtype)
+        ref = torch.cat(per_expert_loop(x.float(), w.float(), sizes))
+        err = assert_close(grouped_matmul(x, w, sizes), ref, dtype=torch.bfloat16,
+                           what=f"grouped_matmul {shape.name}")
         flops, nbytes = 2 * M * dim * ffn, 2 * (M * dim + E * dim * ffn + M * ffn)
         t = {"triton grouped": bench.measure(partial(grouped_matmul, x, w, sizes)),
+             "triton, previous tiles": bench.measure(partial(grouped_matmul, x, w, sizes,
+                                                             blocks=PREVIOUS_BLOCKS)),
              "per-expert loop": bench.measure(partial(per_expert_loop, x, w, sizes)),
              "torch grouped_mm": bench.measure(partial(grouped_matmul_torch, x, w, sizes))}
         row = {"shape": shape.name, "experts": E, "k": shape.k, "M": M, "K": dim, "N": ffn,
-               "dtype": "bf16", "hardware": hw}
+               "dtype": "bf16", "hardware": hw, "tiles": f"{blocks.m}x{blocks.n}x{blocks.k} "
+               f"w{blocks.warps} s{blocks.stages} g{blocks.group_m}", "rel err vs fp32": err}
         for name, tm in t.items():
             row[f"{name} TFLOP/s"] = flops / tm.median_s / 1e12
             row[f"{name} % roofline"] = pct_of_roofline(tm.median_s, flops, nbytes, hw, "bf16")
