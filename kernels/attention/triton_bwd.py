@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention._args import AttentionShape, BlockSizes, padded_head_dim
-from kernels.attention.triton_fwd import LOG2E_K, attention_mask, key_bounds
+from kernels.attention.triton_fwd import LOG2E_K, attention_mask, key_bounds, query_program
 from kernels.device import new_output
 from kernels.launch import flat_grid, split_program_id
 
@@ -149,7 +149,7 @@ def flash_bwd_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    m_block, bh = split_program_id(tl.cdiv(seq_q, BLOCK_M))
+    m_block, bh = query_program(tl.cdiv(seq_q, BLOCK_M), CAUSAL)
     start_m = m_block * BLOCK_M
     kv_base = (bh // group) * seq_k * head_dim
     offs_m = start_m + tl.arange(0, BLOCK_M)

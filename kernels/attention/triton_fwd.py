@@ -52,6 +52,16 @@ def key_bounds(start_m, seq_q, seq_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
+def query_program(n_blocks, CAUSAL: tl.constexpr):
+    """(query block, b · heads + h) of this program. Causal, the last query blocks see the most
+    keys: launch them first (as FA2 does), so the grid's last wave holds short programs."""
+    m_block, bh = split_program_id(n_blocks)
+    if CAUSAL:
+        m_block = n_blocks - 1 - m_block
+    return m_block, bh
+
+
+@triton.jit
 def attention_mask(offs_m, offs_n, seq_q, seq_k, CAUSAL: tl.constexpr):
     """(block_m, block_n) bool: the pair (query i, key j) exists and is visible."""
     valid = (offs_m[:, None] < seq_q) & (offs_n[None, :] < seq_k)
@@ -96,7 +106,7 @@ def flash_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # one flat grid axis: query block fastest, then b · heads + h (int64: offsets pass 2^31)
-    m_block, bh = split_program_id(tl.cdiv(seq_q, BLOCK_M))
+    m_block, bh = query_program(tl.cdiv(seq_q, BLOCK_M), CAUSAL)
     start_m = m_block * BLOCK_M
     bh_kv = bh // group                  # GQA: the K/V head h // group (group | heads)
     offs_m = start_m + tl.arange(0, BLOCK_M)
