@@ -104,3 +104,18 @@ def test_bad_inputs(device):
     dec.cache.lengths += 4
     with pytest.raises(ValueError, match="full"):
         dec.step(torch.tensor([1, 2], device=device))
+
+
+def test_argmax_ties_go_to_the_lowest_index_across_row_steps(device):
+    """The winning token's lm-head row copied to a token 40 away: equal, largest logits in
+    different 32-wide argmax steps, and torch.argmax's lowest index must win."""
+    model = _model(7, torch.float32, device)
+    tok = torch.tensor([5], device=device)
+    best = int(eager_step(model, KVCache(TINY, 1, max_len=8, device=device), tok)[1])
+    twin = (best + 40) % TINY.vocab_size
+    model.lm_head.weight[twin] = model.lm_head.weight[best]
+    dec = MegakernelDecoder(model, 1, max_len=8, tile=64)
+    dec.blocks["BLOCK_R"] = 32
+    logits, nxt = dec.step(tok)
+    assert logits[0, best] == logits[0, twin] == logits.max()
+    assert int(nxt) == min(best, twin)
