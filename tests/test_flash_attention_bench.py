@@ -1,5 +1,6 @@
 """The flash-attention lab's models: standard attention's exact IO model against the counter,
-the perfect-cache bound, the asymptote, and the helpers that read `kclub compile` rows."""
+the perfect-cache bound, the asymptote, the helpers that read `kclub compile` rows, and the GPU
+side: the counted-work prediction and the interleaved row."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from kernels.attention import BlockSizes
 from shared import roofline
 from shared.benchmarks import flash_attention as fa
 from shared.benchmarks import flash_attention_compiled as fc
+from shared.benchmarks import flash_attention_gpu as fg
 
 
 @pytest.mark.interpreter
@@ -129,16 +131,16 @@ def test_tile_pairs_by_hand():
     # n = 256, 64x64 tiles: 4 query blocks x 4 key blocks; causal keeps the 10 on or below the
     # diagonal, from either side
     for owner in ("query", "key"):
-        assert fa.tile_pairs(256, 64, 64, False, owner) == 16
-        assert fa.tile_pairs(256, 64, 64, True, owner) == 10
+        assert fg.tile_pairs(256, 64, 64, False, owner) == 16
+        assert fg.tile_pairs(256, 64, 64, True, owner) == 10
     # 128-row query blocks over 32-key blocks, causal: block 0 sees 4 key blocks, block 1 sees 8
-    assert fa.tile_pairs(256, 128, 32, True, "query") == 12
+    assert fg.tile_pairs(256, 128, 32, True, "query") == 12
     # a 128-key block owns 32-row query steps from its diagonal: 8 + 4 steps
-    assert fa.tile_pairs(256, 32, 128, True, "key") == 12
+    assert fg.tile_pairs(256, 32, 128, True, "key") == 12
     # ragged: 100 queries in 64-row blocks (2), 100 keys in 32-key blocks (4): 2 + 4 causal
-    assert fa.tile_pairs(100, 64, 32, True, "query") == 6
+    assert fg.tile_pairs(100, 64, 32, True, "query") == 6
     with pytest.raises(ValueError, match="owner"):
-        fa.tile_pairs(64, 64, 64, False, "row")
+        fg.tile_pairs(64, 64, 64, False, "row")
 
 
 @pytest.mark.interpreter
@@ -149,33 +151,33 @@ def test_tile_pairs_match_the_counted_dot_flops(n, d, blocks):
     for causal in (False, True):
         c = fa.count("flash", n, d, causal=causal, blocks=blocks, seed=n)
         tile = 2 * blocks.block_m * blocks.block_n * 64
-        fwd = fa.tile_pairs(n, blocks.block_m, blocks.block_n, causal, "query")
-        dkdv = fa.tile_pairs(n, blocks.block_m, blocks.block_n, causal, "key")
-        assert c.fwd_flops == fa.DOTS["forward"] * tile * fwd
-        assert c.bwd_flops == tile * (fa.DOTS["dkdv"] * dkdv + fa.DOTS["dq"] * fwd)
+        fwd = fg.tile_pairs(n, blocks.block_m, blocks.block_n, causal, "query")
+        dkdv = fg.tile_pairs(n, blocks.block_m, blocks.block_n, causal, "key")
+        assert c.fwd_flops == fg.DOTS["forward"] * tile * fwd
+        assert c.bwd_flops == tile * (fg.DOTS["dkdv"] * dkdv + fg.DOTS["dq"] * fwd)
 
 
 def test_prediction_by_hand_and_its_bounds():
     """H100 SXM, d = 128, 128x128 tiles, N = 4096, not causal: per score the forward does 4·128
     MMA FLOPs and one exp; the backward 14·128 and two (compute bound: the bytes are ~N·d)."""
-    one = {p: BlockSizes(128, 128) for p in fa.PASSES}
+    one = {p: BlockSizes(128, 128) for p in fg.PASSES}
     part = roofline.HARDWARE["H100 SXM"]
     t_mma, t_exp = 512 / part.peak("fp16"), 1 / (16 * 132 * 1.83e9)
-    p = fa.predicted_tflops("H100 SXM", 4096, 128, False, one)
+    p = fg.predicted_tflops("H100 SXM", 4096, 128, False, one)
     assert p["fwd serial"] == pytest.approx(512 / (t_mma + t_exp) / 1e12, rel=1e-9)
     assert p["fwd overlapped"] == pytest.approx(part.peak("fp16") / 1e12, rel=1e-9)
     assert p["bwd serial"] == pytest.approx(1280 / (3.5 * t_mma + 2 * t_exp) / 1e12, rel=1e-9)
     # causal at long N: the diagonal's masked half fades, and the prediction never passes peak
     for causal in (False, True):
-        big = fa.predicted_tflops("H200", 16384, 64, causal, one)
+        big = fg.predicted_tflops("H200", 16384, 64, causal, one)
         assert big["fwd serial"] < big["fwd overlapped"] <= part.peak("fp16") / 1e12
-    assert fa.predicted_tflops("H200", 256, 64, True, one)["fwd serial"] < big["fwd serial"]
+    assert fg.predicted_tflops("H200", 256, 64, True, one)["fwd serial"] < big["fwd serial"]
 
 
 def test_gpu_row_runs_interleaved_with_an_interval():
     """The GPU table's row, on this CPU at a toy size: both implementations timed, speed ratios
     with a bootstrap interval that contains them, our tiles named."""
-    row = fa._gpu_row(32, 16, True, torch.float32, repeat=3, tokens=32, hidden=32, device="cpu")
+    row = fg._gpu_row(32, 16, True, torch.float32, repeat=3, tokens=32, hidden=32, device="cpu")
     for pass_ in ("fwd", "bwd"):
         for impl in ("ours", "sdpa"):
             assert row[f"{impl} {pass_} TFLOP/s"] > 0
