@@ -21,13 +21,14 @@ power of two is a shift). Tokens at or past seq_len are masked on load, so the k
 reads them (the tests poison them).
 
 Latency: the address of a tile's K/V depends on a load (its block-table entries), and Triton's
-software pipeliner then keeps one K/V buffer (num_stages 2-4: `ttg.local_alloc 1x64x128` and a
-wait for every copy at the top of the loop), so each tile cost a table round trip, then a K/V
-round trip, then the compute, one after another: 1.9 µs per 64-token tile on the H200 (972 µs
-for 512 tiles at one split). So the loop prefetches by hand and runs unpipelined (num_stages=1):
-while tile i is computed, tile i+1's K/V loads are in flight (their rows were read one tile
-earlier) and tile i+2's table entries are too. No load waits inside the loop except for data
-issued a whole tile of work earlier.
+software pipeliner then keeps one K/V buffer (num_stages 2 to 4, Triton 3.6 and 3.9 alike: a
+`ttg.local_alloc 1x64x128` and a wait for every copy at the top of the loop; 5 gives two), so
+each tile cost a table round trip, then a K/V round trip, then the compute, one after another:
+1.9 µs per 64-token tile on the H200 (972 µs for 512 tiles at one split). So the loop prefetches
+by hand and runs unpipelined (num_stages=1): while tile i is computed, tile i+1's K/V loads are
+in flight (their blocks were read one tile earlier) and tile i+2's table entries are too; in the
+sm_90 SASS the table values are first read in the next iteration. No load waits inside the loop
+except for data issued a whole tile of work earlier.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ LOG2E = math.log2(math.e)
 SM_COUNT = {0: 8, 80: 108, 90: 132}
 # Stage-1 programs wanted per SM: two resident programs interleave one's compute with the
 # other's loads, and keep 2 × 32 KB of K/V in flight per SM (fp16, d = 128), what Little's law
-# asks of an H200 (4.8 TB/s × ~1 µs loaded latency / 132 SMs ≈ 36 KB). Registers and shared
-# memory allow it: `kclub compile` reports the occupancy.
+# asks of an H200 (4.8 TB/s × 0.5-1 µs loaded latency / 132 SMs: 18-36 KB). At d = 128 the registers
+# allow exactly two (the prefetched tile lives in them: 200-236 a thread at 4 warps, occupancy 0.125
+# in `kclub compile`).
 PROGRAMS_PER_SM = 2
 MIN_SPLIT_TOKENS = 256   # below this a split's fixed cost (q load, two-tile prologue) dominates
 MAX_SPLITS = 64
