@@ -72,7 +72,8 @@ def test_split_prediction_saturates():
     one, many = (pa.predict_latency(32768, 32, 8, 128, s) for s in (1, 16))
     assert one["sms_busy"] == 8 and many["sms_busy"] == 128
     assert one["time_s"] > 2 * many["time_s"]             # 8 programs cannot fill HBM
-    assert many["bandwidth"] == pa.roofline.hardware("H100 SXM").mem_bw
+    hbm = pa.roofline.hardware("H100 SXM").mem_bw   # HBM-bound, less the merge's own pass
+    assert many["bound"] == "HBM" and 0.95 * hbm < many["bandwidth"] <= hbm
     # past saturation more splits only add partials and cost a little
     assert pa.predict_latency(32768, 32, 8, 128, 64)["time_s"] > many["time_s"]
 
