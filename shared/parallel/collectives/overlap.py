@@ -57,8 +57,10 @@ def backward_step(acts: list[torch.Tensor], douts: list[torch.Tensor], buckets: 
                   slot_s: float, world: int, *, overlap: bool):
     """One emulated backward of a stack of linear layers (layer i's weight gradient is
     acts[i].T @ douts[i]) with its gradient all-reduce. Returns (grads, spans): spans are
-    (kind, index, start, end) with kind "compute" (a layer) or "comm" (a bucket), times from
-    this call's start."""
+    (kind, index, start, end) with kind "compute" (a layer), "comm" (a bucket's all-reduce) or
+    "ready" (the instant a bucket was handed to the all-reduce: the order the schedule sets,
+    whereas when the communication thread wakes depends on the OS), times from this call's
+    start."""
     t0 = time.perf_counter()
     grads: list[torch.Tensor | None] = [None] * len(acts)
     spans: list[tuple[str, int, float, float]] = []
@@ -87,6 +89,8 @@ def backward_step(acts: list[torch.Tensor], douts: list[torch.Tensor], buckets: 
         spans.append(("compute", i, s - t0, time.perf_counter() - t0))
         left[owner[i]] -= 1
         if left[owner[i]] == 0 and overlap:
+            now = time.perf_counter() - t0
+            spans.append(("ready", owner[i], now, now))
             todo.put(owner[i])
     if overlap:
         todo.put(None)
@@ -96,6 +100,7 @@ def backward_step(acts: list[torch.Tensor], douts: list[torch.Tensor], buckets: 
     else:  # after the whole backward, the same buckets in the same order
         for b in range(len(buckets)):
             s = time.perf_counter()
+            spans.append(("ready", b, s - t0, s - t0))
             _reduce_bucket(grads, buckets[b], world)
             spans.append(("comm", b, s - t0, time.perf_counter() - t0))
     return grads, spans
