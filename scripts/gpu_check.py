@@ -46,10 +46,12 @@ VERSIONS = ["torch", "triton", "jax", "jaxlib", "transformers", "hypothesis", "p
 # Seconds per step. On the first H200 run (docs/gpu-runs/2026-11-27-h200) 246 of the kernel
 # tests ran in 130 s on 8 workers before the budget stopped them: they get 200 s now, and the
 # whole run 480 s, which fits one 10-minute device call with the machine's start-up outside it.
+# The second run (2026-11-28-h200) took 259 s, the tests 118 s; speculative decoding, which now
+# runs on the device's Python, needed more than its 35 s.
 # GPU-only measurements of kernels whose labs measure on the CPU: (name, module with main())
 GPU_EXTRAS = [("megakernel-gpu", "shared.benchmarks.megakernel_gpu")]
 BUDGETS = {"tests": 200, "flash-attention": 55, "online-softmax": 25, "moe-routing": 30,
-           "speculative-decoding": 35, "paged-attention": 30, "pipeline-parallel": 10,
+           "speculative-decoding": 75, "paged-attention": 30, "pipeline-parallel": 10,
            "quantization": 35, "megakernel-gpu": 45}
 DRY_BUDGETS = {"tests": 60, "default": 25}
 RESERVE_S = 8          # kept back from every step for the report itself
