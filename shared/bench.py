@@ -9,7 +9,9 @@
 `compare` interleaves its contenders round by round, so drift hits them alike, and `ratio`
 turns two of its timings into a median ratio with a bootstrap 95% interval over the paired
 rounds: a timing verdict reads that interval (docs/claims.md, "Measuring honestly").
-`one_thread` pins torch to one CPU thread around a timing (docs/cpu-notes.md).
+`one_thread` pins torch to one CPU thread around a timing (docs/cpu-notes.md). On a GPU,
+`spin_up` raises the clocks before the first timing and `graphed` replays a call from a CUDA
+graph, so a second `compare` of the replays times the device alone, without the Python path.
 Timings are never test assertions.
 """
 
@@ -162,6 +164,35 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def spin_up(seconds: float = 0.5) -> None:
+    """Keep the GPU busy before the first timing: the H200 of the first run idled at 345 MHz
+    (1980 under load), and its first rows were timed within milliseconds of starting."""
+    import torch
+
+    buf = torch.empty(2**28, dtype=torch.int8, device="cuda")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        buf.zero_()
+        torch.cuda.synchronize()
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` captured once in a CUDA graph; the replay launches the same kernels without the
+    Python launch path, so its timing is device time alone. `fn` runs once outside the capture
+    first (compiles, caches); one that syncs with the host cannot be captured and raises."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _check_counts(warmup: int, repeat: int) -> None:

@@ -10,7 +10,6 @@ device time alone (CUDA graph replays), beside the prediction from counted bytes
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import jax
@@ -133,30 +132,6 @@ def compiled_fusions(fn, rows: int, cols: int) -> list[str]:
     return lines
 
 
-def _spin_up(seconds: float = 0.5) -> None:
-    """Keep the GPU busy before the first timing: the H200 of the first run idled at 345 MHz
-    (1980 under load), and its first rows were timed within milliseconds of starting."""
-    buf = torch.empty(2**28, dtype=torch.int8, device="cuda")
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        buf.zero_()
-        torch.cuda.synchronize()
-
-
-def _graphed(fn):
-    """`fn` captured once in a CUDA graph; the replay launches the same kernels without the
-    Python launch path, so its timing is device time alone."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()   # compiled and warmed outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _tiling_label(t: Tiling) -> str:
     return f"{t.block_m}×{t.block_n} w{t.num_warps} s{t.num_stages} p{t.programs}"
 
@@ -174,7 +149,7 @@ def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536),
     Stops at the deadline."""
     hw = gpu_hardware()
     sms = sm_count(torch.device("cuda"))
-    _spin_up()
+    bench.spin_up()
     out = []
     for cols in cols_list:
         if out_of_time(reserve_s=5):
@@ -188,7 +163,7 @@ def gpu_table(rows: int = 4096, cols_list=(1024, 4096, 16384, 65536),
             before = previous_tiling(rows, cols)
             fns["online, previous tiling"] = lambda x=x, p=before: softmax(x, tiling=p)
         per_call = bench.compare(fns, warmup=3, repeat=repeat)
-        device = bench.compare({k: _graphed(f) for k, f in fns.items()}, warmup=3,
+        device = bench.compare({k: bench.graphed(f) for k, f in fns.items()}, warmup=3,
                                repeat=repeat)
         nbytes = 2 * x.numel() * x.element_size()
         flops = FLOPS_PER_ELEMENT * x.numel()

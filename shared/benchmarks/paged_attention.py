@@ -26,7 +26,6 @@ from kernels.paged.paged_attention_triton import PROGRAMS_PER_SM, default_splits
 from kernels.paged.reference import random_paged_inputs
 from shared import bench, iocount, roofline
 from shared.benchmarks import gpu_hardware, out_of_time, record
-from shared.benchmarks.online_softmax import _graphed, _spin_up
 from shared.check import assert_close
 from shared.inference.block_manager import BlockManager
 
@@ -232,7 +231,7 @@ def gpu_table(cases=GPU_CASES, repeat: int = 30) -> list[dict]:
     Stops at the deadline."""
     hw = gpu_hardware()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    _spin_up()
+    bench.spin_up()
     out = []
     for batch, ctx, split_list in cases:
         if out_of_time(reserve_s=8):
@@ -252,7 +251,8 @@ def gpu_table(cases=GPU_CASES, repeat: int = 30) -> list[dict]:
             runs[f"{splits} (default)" if s is None else str(splits)] = splits, err, fn
         fns = {label: fn for label, (_, _, fn) in runs.items()}
         per_call = bench.compare(fns, warmup=3, repeat=repeat)
-        device = bench.compare({k: _graphed(f) for k, f in fns.items()}, warmup=3, repeat=repeat)
+        device = bench.compare({k: bench.graphed(f) for k, f in fns.items()}, warmup=3,
+                               repeat=repeat)
         for label, (splits, err, _) in runs.items():
             io = io_model(ctx, 32, 8, 128, splits, batch)
             row = {"batch": batch, "ctx": ctx, "splits": label, "rel err": err,
