@@ -81,6 +81,17 @@ def capability() -> int:
     return 0 if t is None else int(t.removeprefix("sm_"))
 
 
+# SMs per target when the launch does not ask the GPU (no GPU, or a compile target). The
+# interpreter runs one program at a time, so there the "machine" is taken as 8 programs wide:
+# split heuristics then still split the small test shapes, each split cheap to test.
+SM_COUNT = {0: 8, 80: 108, 90: 132}
+
+
+def target_sm_count() -> int:
+    """SM_COUNT's row for the current target (Hopper's for targets not listed)."""
+    return SM_COUNT.get(capability(), SM_COUNT[90])
+
+
 def compile_only(target_name: str):
     """Compile every Triton launch in the block for `target_name` without running it; yields
     the list of compiled kernels (kernels.compile_only explains; needs KC_INTERPRET=0)."""

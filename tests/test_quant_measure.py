@@ -2,7 +2,8 @@
 
 import pytest
 
-from kernels.quant.matmul_triton import SM_COUNT, plan
+from kernels.device import SM_COUNT
+from kernels.quant.matmul_triton import plan
 from shared import roofline
 from shared.benchmarks import quantization as qb
 

@@ -39,15 +39,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.device import capability, new_output
+from kernels.device import new_output, target_sm_count
 from kernels.launch import flat_grid, offset, split_program_id
 from kernels.paged._args import check_splits, check_tables, paged_shape, softmax_scale
 from kernels.validate import check_same_device, check_tensor
 
 LOG2E = math.log2(math.e)
-# SMs per target, for the split heuristic; the interpreter runs programs one after another, so
-# there the "machine" is taken as 8 programs wide: a few splits, each cheap to test.
-SM_COUNT = {0: 8, 80: 108, 90: 132}
 # Stage-1 programs wanted per SM: two resident programs interleave one's compute with the
 # other's loads, and keep 2 × 32 KB of K/V in flight per SM (fp16, d = 128), what Little's law
 # asks of an H200 (4.8 TB/s × 0.5-1 µs loaded latency / 132 SMs: 18-36 KB). At d = 128 the registers
@@ -174,7 +171,7 @@ def default_splits(batch: int, kv_heads: int, max_len: int, sms: int | None = No
     (default: the target's), all resident at once, but no split shorter than MIN_SPLIT_TOKENS.
     max_len is the block table's reach, so the choice needs no host sync."""
     programs = batch * kv_heads
-    sms = sms or SM_COUNT.get(capability(), SM_COUNT[90])
+    sms = sms or target_sm_count()
     by_sms = -(-PROGRAMS_PER_SM * sms // programs)
     by_length = max(1, max_len // MIN_SPLIT_TOKENS)
     return max(1, min(by_sms, by_length, MAX_SPLITS))

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels import launch
-from kernels.device import INTERPRET, capability, new_output
+from kernels.device import INTERPRET, new_output, target_sm_count
 from kernels.quant._args import check_matmul_args
 from kernels.quant.dequant_triton import (
     code_value,
@@ -93,9 +93,6 @@ DECODE_MAX_M = 16
 WARPS_PER_SM = 16
 MIN_SPLIT_STEPS = 2
 MAX_SPLITS = 32
-# SMs per target when there is no GPU to ask; the interpreter runs one program at a time, so
-# there the "machine" is 8 programs wide and small test shapes split too.
-SM_COUNT = {0: 8, 80: 108, 90: 132}
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,7 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda" and not INTERPRET:
         return _cuda_sms(device.index if device.index is not None else
                          torch.cuda.current_device())
-    return SM_COUNT.get(capability(), SM_COUNT[90])
+    return target_sm_count()
 
 
 @functools.cache

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.device import INTERPRET, gpu_available
+from kernels.device import INTERPRET, SM_COUNT, gpu_available
 from kernels.quant import quantize, quantized_matmul, quantized_matmul_reference
 from kernels.quant.dequant_triton import REDUCE_BLOCK_N
-from kernels.quant.matmul_triton import CONFIGS, SM_COUNT, config_for, plan
+from kernels.quant.matmul_triton import CONFIGS, config_for, plan
 from shared import bench, iocount, roofline
 from shared.benchmarks import gpu_hardware, out_of_time, pct_of_roofline, record
 

@@ -28,8 +28,6 @@ from shared.megakernel.schedule import assign
 from shared.megakernel.validate import GraphError, validate
 from shared.models.llama import Llama
 
-_MATMULS = {"qkv": "qkv", "o_proj": "o_proj", "down_proj": "down_proj", "lm_head": "lm_head"}
-
 
 def _code_and_args(task: dict, n_layers: int) -> tuple[int, list[int]]:
     """The kernel's op code and ARG row (layer or norm index, column, b, kv head) of a task."""
@@ -39,7 +37,7 @@ def _code_and_args(task: dict, n_layers: int) -> tuple[int, list[int]]:
         index = 2 * n_layers if w == "norm" else 2 * layer + (w.endswith("ffn_norm"))
         return OPS["rmsnorm"], [index, 0, 0, 0]
     if op == "matmul":
-        kind = _MATMULS[a["weights"][0].split(".")[-1]]
+        kind = a["weights"][0].split(".")[-1]          # qkv, o_proj, down_proj or lm_head
         return OPS[kind], [0 if kind == "lm_head" else layer, a["col"], 0, 0]
     if op == "swiglu":
         return OPS["swiglu"], [layer, a["col"], 0, 0]
